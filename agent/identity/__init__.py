@@ -1,0 +1,1 @@
+"""SPIFFE workload identities: IDs, keys, CSRs, certificates, TLS contexts and peer checks."""

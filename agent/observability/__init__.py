@@ -1,0 +1,1 @@
+"""Metrics, access logs, and the admin and readiness endpoints."""

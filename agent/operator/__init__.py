@@ -1,0 +1,1 @@
+"""Kubernetes control plane: enrolment, discovery and status handlers, and the CA signer."""

@@ -1,0 +1,1 @@
+"""Node traffic capture: the nftables TPROXY ruleset and policy routing for enrolled pods."""

@@ -1,0 +1,1 @@
+"""The immutable snapshot of workloads, services and policies, and pure decisions over it."""
