@@ -1,0 +1,66 @@
+"""Transparent listener and upstream sockets on loopback (needs CAP_NET_ADMIN: root)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from agent.proxy.sockets import Address, original_destination, transparent_listener, upstream_socket
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="IP_TRANSPARENT and SO_MARK need root")
+
+
+@pytest.mark.parametrize(
+    ("sockaddr", "expected"),
+    [
+        (("10.0.0.1", 80), Address("10.0.0.1", 80)),
+        (("::ffff:10.0.0.1", 80, 0, 0), Address("10.0.0.1", 80)),
+        (("fd00::1", 443, 0, 0), Address("fd00::1", 443)),
+    ],
+)
+def test_address_of_unmaps_v4_in_v6(sockaddr: tuple[object, ...], expected: Address) -> None:
+    assert Address.of(sockaddr) == expected
+
+
+def test_address_text_brackets_ipv6() -> None:
+    assert str(Address("fd00::1", 15008)) == "[fd00::1]:15008"
+    assert str(Address("10.0.0.1", 15008)) == "10.0.0.1:15008"
+    assert Address("fd00::1", 1).family == socket.AF_INET6
+
+
+@needs_root
+def test_listener_reports_the_local_address_as_original_destination() -> None:
+    listener = transparent_listener(Address("127.0.0.1", 0))
+    try:
+        port = listener.getsockname()[1]
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        listener.setblocking(True)
+        accepted, _ = listener.accept()
+        assert original_destination(accepted) == Address("127.0.0.1", port)
+        accepted.close()
+        client.close()
+    finally:
+        listener.close()
+
+
+@needs_root
+def test_upstream_socket_carries_the_mark() -> None:
+    sock = upstream_socket(Address("127.0.0.1", 9), mark=0x539)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
+        assert sock.getblocking() is False
+    finally:
+        sock.close()
+
+
+@needs_root
+def test_upstream_socket_binds_transparently_to_the_source_ip() -> None:
+    # 192.0.2.1 is not local: only IP_TRANSPARENT lets the bind succeed.
+    sock = upstream_socket(Address("127.0.0.1", 9), mark=0x539, source=Address("192.0.2.1", 0))
+    try:
+        assert sock.getsockname()[0] == "192.0.2.1"
+    finally:
+        sock.close()
