@@ -1,0 +1,162 @@
+"""The relay moves bytes both ways with half-close, resets and backpressure, over real loopback TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from agent.observability.metrics import AgentMetrics, PeerLabels, TcpLabels
+from agent.proxy.relay import Relay, RelayOutcome, TcpEnd, connect_tcp_end
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RelayedPath:
+    port: int
+    outcomes: list[RelayOutcome]
+    relays: list[Relay]
+
+
+@asynccontextmanager
+async def relayed(server_handler: Handler) -> AsyncIterator[RelayedPath]:
+    """client -> relay listener -> TcpEnd pair -> server; yields the listener's port."""
+    server = await asyncio.start_server(server_handler, "127.0.0.1", 0)
+    server_port = server.sockets[0].getsockname()[1]
+    path = RelayedPath(0, [], [])
+    loop = asyncio.get_running_loop()
+    metrics = AgentMetrics()
+
+    async def splice(downstream: TcpEnd) -> None:
+        await downstream.connected
+        upstream = await connect_tcp_end(socket.socket(), ("127.0.0.1", server_port))
+        counters = metrics.tcp.opened(TcpLabels("source", PeerLabels(), PeerLabels()))
+        relay = Relay(path.outcomes.append, counters)
+        downstream.relay = upstream.relay = relay
+        path.relays.append(relay)
+        relay.join(downstream, upstream)
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    def accept() -> TcpEnd:
+        end = TcpEnd(downstream=True)
+        task = loop.create_task(splice(end))
+        tasks.add(task)
+        return end
+
+    listener = await loop.create_server(accept, "127.0.0.1", 0)
+    path.port = listener.sockets[0].getsockname()[1]
+    try:
+        yield path
+    finally:
+        listener.close()
+        server.close()
+        for task in tasks:
+            task.cancel()
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.write(b"bye")
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+
+
+async def test_bytes_flow_both_ways_and_half_close_keeps_the_reply() -> None:
+    async with relayed(echo) as path:
+        reader, writer = await asyncio.open_connection("127.0.0.1", path.port)
+        writer.write(b"hello")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b"hellobye"
+        writer.close()
+        await asyncio.sleep(0.05)
+    assert path.outcomes == [RelayOutcome("")]
+
+
+async def test_early_client_data_is_held_until_the_relay_joins() -> None:
+    async with relayed(echo) as path:
+        reader, writer = await asyncio.open_connection("127.0.0.1", path.port)
+        writer.write(b"x" * 100_000)
+        writer.write_eof()
+        reply = await asyncio.wait_for(reader.read(), 10)
+        assert reply == b"x" * 100_000 + b"bye"
+        writer.close()
+
+
+async def test_large_transfer_is_intact_and_counted() -> None:
+    payload = bytes(range(256)) * 40_000  # ~10 MB
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        digest = hashlib.sha256()
+        while data := await reader.read(1 << 20):
+            digest.update(data)
+        writer.write(digest.hexdigest().encode())
+        writer.close()
+
+    async with relayed(sink) as path:
+        reader, writer = await asyncio.open_connection("127.0.0.1", path.port)
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 30) == hashlib.sha256(payload).hexdigest().encode()
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert path.relays[0].counters is not None
+        assert path.relays[0].counters.sent == len(payload)
+
+
+async def test_server_reset_becomes_a_client_reset() -> None:
+    async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()
+
+    async with relayed(resetter) as path:
+        reader, writer = await asyncio.open_connection("127.0.0.1", path.port)
+        writer.write(b"go")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert path.outcomes
+    assert path.outcomes[0].error
+
+
+async def test_slow_reader_pauses_the_fast_writer() -> None:
+    """A client that never reads must not make the relay buffer the server's whole output."""
+    produced = 0
+    stop = asyncio.Event()
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal produced
+        chunk = b"z" * 65536
+        while not stop.is_set():
+            writer.write(chunk)
+            produced += len(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), 0.5)
+            except TimeoutError:
+                await stop.wait()
+        writer.close()
+
+    async with relayed(firehose) as path:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", path.port, limit=1024)
+        _reader._transport.pause_reading()  # type: ignore[attr-defined]
+        await asyncio.sleep(1.0)
+        relay = path.relays[0]
+        stop.set()
+        # Kernel socket buffers hold some megabytes; without backpressure the relay would keep
+        # reading and buffer without bound (hundreds of MB in a second on loopback).
+        assert produced < 64 << 20
+        assert relay.counters is not None
+        assert relay.counters.received < 64 << 20
+        writer.close()
