@@ -1,1 +1,6 @@
-"""SPIFFE workload identities: IDs, keys, CSRs, certificates, TLS contexts and peer checks."""
+"""SPIFFE workload identities: IDs, keys, CSRs, certificates, TLS contexts and peer checks.
+
+`spiffe` (IDs), `csr` (keys, requests, the CA's request checks), `ca` (root and leaf signing),
+`certificates` (trust bundles, workload certificates), `rotation` (renewal timing), `tls` (mutual TLS
+contexts, peer verification), `testing` (a throwaway CA for tests and demos).
+"""
