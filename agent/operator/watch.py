@@ -188,6 +188,11 @@ class ListWatcher:
         self.synced = asyncio.Event()
         """Set after the first complete LIST has reached the sink."""
 
+    @property
+    def path(self) -> str:
+        """The watched collection's path."""
+        return self._resource.path
+
     async def run(self) -> None:
         """Lists, then watches; relists on expiry, and after a backoff on any failure."""
         failures = 0

@@ -1,0 +1,112 @@
+"""The cluster index parses changes as they arrive and snapshots what it holds."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from agent.operator.discovery import (
+    AUTHORIZATION_POLICIES,
+    NAMESPACES,
+    PODS,
+    SERVICES,
+    ClusterIndex,
+    trim_namespace,
+    trim_pod,
+    trim_whole,
+)
+from agent.operator.watch import Deleted, Replaced, Upserted
+from agent.state import ParseError, parse_pod
+from tests.unit.state.factories import pod_dict, policy_dict
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": labels or {}, "uid": "x", "managedFields": [{}]}}
+
+
+def full_pod(name: str, ip: str, namespace: str = "demo", **spec: Any) -> dict[str, Any]:
+    pod = pod_dict(name, namespace=namespace, ip=ip, **spec)
+    pod["metadata"]["managedFields"] = [{"manager": "kubelet"}] * 20
+    pod["metadata"]["annotations"] = {"big": "x" * 4000}
+    pod["spec"]["containers"] = [
+        {"name": "app", "image": "app:1", "ports": [{"name": "http", "containerPort": 8080}], "env": []}
+    ]
+    pod["status"]["conditions"].append({"type": "PodScheduled", "status": "True"})
+    pod["status"]["containerStatuses"] = [{"name": "app", "ready": True}]
+    return pod
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def test_trimmed_pod_parses_exactly_like_the_full_pod() -> None:
+    pod = full_pod("web-1", "10.244.1.5")
+    trimmed = trim_pod(pod)
+    assert parse_pod(trimmed, namespace_labels=AMBIENT) == parse_pod(pod, namespace_labels=AMBIENT)
+    assert "managedFields" not in trimmed["metadata"]
+    assert "annotations" not in trimmed["metadata"]
+    assert len(repr(trimmed)) < len(repr(pod)) / 5
+
+
+def test_trims_drop_bookkeeping() -> None:
+    assert trim_namespace(namespace("demo", AMBIENT)) == {"metadata": {"name": "demo", "labels": AMBIENT}}
+    assert "managedFields" not in trim_whole(namespace("demo"))["metadata"]
+
+
+def test_pods_are_indexed_and_enrolled_by_their_namespace_label() -> None:
+    index = ClusterIndex()
+    index.apply(Replaced(NAMESPACES, {"demo": trim_namespace(namespace("demo", AMBIENT))}))
+    index.apply(Replaced(PODS, {"demo/web-1": trim_pod(full_pod("web-1", "10.244.1.5"))}))
+    workload = index.snapshot(created_at=0).workload(ip("10.244.1.5"))
+    assert workload is not None
+    assert (workload.name, workload.enrolled) == ("web-1", True)
+
+
+def test_labelling_a_namespace_enrols_its_running_pods_and_unlabelling_releases_them() -> None:
+    index = ClusterIndex()
+    index.apply(Replaced(NAMESPACES, {"demo": trim_namespace(namespace("demo"))}))
+    index.apply(Replaced(PODS, {"demo/web-1": trim_pod(full_pod("web-1", "10.244.1.5"))}))
+
+    def enrolled() -> bool:
+        workload = index.snapshot(created_at=0).workload(ip("10.244.1.5"))
+        assert workload is not None
+        return workload.enrolled
+
+    assert not enrolled()
+    index.apply(Upserted(NAMESPACES, "demo", trim_namespace(namespace("demo", AMBIENT))))
+    assert enrolled()
+    index.apply(Upserted(NAMESPACES, "demo", trim_namespace(namespace("demo"))))
+    assert not enrolled()
+
+
+def test_deleted_pod_leaves_the_snapshot_and_its_ip_can_be_reused() -> None:
+    index = ClusterIndex()
+    index.apply(Upserted(PODS, "a/old", trim_pod(full_pod("old", "10.244.1.9", namespace="a"))))
+    index.apply(Deleted(PODS, "a/old"))
+    assert index.snapshot(created_at=0).workload(ip("10.244.1.9")) is None
+    index.apply(Upserted(PODS, "b/new", trim_pod(full_pod("new", "10.244.1.9", namespace="b"))))
+    workload = index.snapshot(created_at=0).workload(ip("10.244.1.9"))
+    assert workload is not None
+    assert (workload.namespace, workload.name) == ("b", "new")
+
+
+def test_unreadable_objects_are_reported_and_left_out() -> None:
+    errors: list[ParseError] = []
+    index = ClusterIndex(on_parse_error=errors.append)
+    bad_policy = policy_dict("AuthorizationPolicy", {"action": "CUSTOM"}, name="bad")
+    index.apply(Upserted(AUTHORIZATION_POLICIES, "default/bad", bad_policy))
+    bad_service = {"metadata": {"name": "svc", "namespace": "default"}, "spec": {"ports": "nope"}}
+    index.apply(Upserted(SERVICES, "default/svc", bad_service))
+    assert [(e.kind, e.name) for e in errors] == [("AuthorizationPolicy", "bad"), ("Service", "svc")]
+    snapshot = index.snapshot(created_at=0)
+    assert not any(snapshot.authorization_policies.values())
+
+
+def test_snapshot_versions_increase_with_every_change() -> None:
+    index = ClusterIndex()
+    first = index.snapshot(created_at=0).version
+    index.apply(Upserted(PODS, "demo/web-1", trim_pod(full_pod("web-1", "10.244.1.5"))))
+    assert index.snapshot(created_at=0).version > first
