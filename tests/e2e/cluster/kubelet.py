@@ -1,0 +1,616 @@
+"""The harness kubelet: runs the pods bound to one node as processes in pod network namespaces.
+
+Run inside the node's namespace: `python -m tests.e2e.cluster.kubelet --state-dir DIR --node NAME`.
+It registers the Node (podCIDR, addresses, capacity, Ready), renews its Lease so the node lifecycle
+controller keeps it Ready, and watches Pods with `spec.nodeName=<node>`. One `PodWorker` per pod
+owns that pod's life: sandbox (network namespace, address), process (the first container's
+command and args, image ignored), restarts by `restartPolicy`, status patches, and graceful
+deletion (SIGTERM, grace period, SIGKILL, sandbox removal, then the final delete of the object).
+
+Later work plugs in at `PodWorker._prepare`: volumes (ConfigMaps, Secrets, projected tokens) are
+materialised there, between the sandbox and the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.cluster import netns
+from tests.e2e.cluster.kubeapi import MERGE_PATCH, ApiUnavailable, JsonObject, KubeApi
+from tests.e2e.cluster.layout import (
+    API_PORT,
+    CONTROL_PLANE_IP,
+    K8S_VERSION,
+    REPO_ROOT,
+    Layout,
+    NodeLayout,
+    venv_python,
+)
+from tests.e2e.cluster.podnet import PodNetwork, Sandbox
+
+log = logging.getLogger("kubelet")
+
+MAX_GRACE_SECONDS = 30
+"""Cap on a pod's termination grace period, so a stuck pod cannot hold a test for minutes."""
+
+MAX_BACKOFF_SECONDS = 10.0
+LEASE_DURATION_SECONDS = 40
+LEASE_RENEW_SECONDS = 10.0
+NODE_CAPACITY = {"cpu": "2", "memory": "8Gi", "pods": "110", "ephemeral-storage": "20Gi"}
+
+_ENV_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_micro() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ContainerConfigError(ValueError):
+    """The container asks for something this kubelet does not emulate (reported on the pod)."""
+
+
+def expand_references(text: str, env: dict[str, str]) -> str:
+    """Kubernetes `$(VAR)` expansion: defined variables are replaced, `$$` is a literal `$`."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return _ENV_REFERENCE.sub(replace, text)
+
+
+def field_value(pod: JsonObject, sandbox: Sandbox, node: NodeLayout, path: str) -> str:
+    """The downward-API value of `path` for this pod."""
+    metadata, spec = pod["metadata"], pod["spec"]
+    simple = {
+        "metadata.name": metadata["name"],
+        "metadata.namespace": metadata["namespace"],
+        "metadata.uid": metadata["uid"],
+        "spec.nodeName": node.name,
+        "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
+        "status.podIP": sandbox.ip,
+        "status.podIPs": sandbox.ip,
+        "status.hostIP": node.ip,
+    }
+    if path in simple:
+        return str(simple[path])
+    keyed = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if keyed:
+        return str(metadata.get(keyed.group(1), {}).get(keyed.group(2), ""))
+    raise ContainerConfigError(f"fieldRef {path!r} is not supported by the harness kubelet")
+
+
+def container_environment(pod: JsonObject, sandbox: Sandbox, node: NodeLayout) -> dict[str, str]:
+    """The process environment: a minimal base, in-cluster API coordinates, then the container's env."""
+    venv_bin = str(Path(venv_python()).parent)
+    env = {
+        "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "HOSTNAME": node.name if sandbox.netns is None else pod["metadata"]["name"],
+        "KUBERNETES_SERVICE_HOST": str(CONTROL_PLANE_IP),
+        "KUBERNETES_SERVICE_PORT": str(API_PORT),
+    }
+    container = pod["spec"]["containers"][0]
+    for item in container.get("env") or []:
+        name = item["name"]
+        if "valueFrom" in item:
+            field_ref = item["valueFrom"].get("fieldRef")
+            if field_ref is None:
+                raise ContainerConfigError(f"env {name}: only value and fieldRef are supported")
+            env[name] = field_value(pod, sandbox, node, field_ref["fieldPath"])
+        else:
+            env[name] = expand_references(item.get("value", ""), env)
+    return env
+
+
+def container_argv(container: JsonObject, env: dict[str, str]) -> list[str]:
+    """command + args with `$(VAR)` expanded; `python`/`python3` become the project's interpreter."""
+    command = container.get("command") or []
+    if not command:
+        raise ContainerConfigError("the harness runs no images: the container needs a command")
+    argv = [expand_references(a, env) for a in [*command, *(container.get("args") or [])]]
+    if argv[0] in ("python", "python3"):
+        argv[0] = venv_python()
+    return argv
+
+
+def pod_status(
+    pod: JsonObject,
+    sandbox: Sandbox,
+    node: NodeLayout,
+    *,
+    phase: str,
+    container_state: JsonObject,
+    ready: bool,
+    restarts: int,
+    last_state: JsonObject | None = None,
+    pid: int | None = None,
+) -> JsonObject:
+    """The whole `status` this kubelet reports for a pod (conditions and container status included)."""
+    timestamp = now()
+    container = pod["spec"]["containers"][0]
+
+    def condition(kind: str, value: bool) -> JsonObject:
+        return {"type": kind, "status": "True" if value else "False", "lastTransitionTime": timestamp}
+
+    container_status: JsonObject = {
+        "name": container["name"],
+        "image": container.get("image") or "none",
+        "imageID": "",
+        "ready": ready,
+        "started": "running" in container_state,
+        "restartCount": restarts,
+        "state": container_state,
+        "lastState": last_state or {},
+    }
+    if pid is not None:
+        container_status["containerID"] = f"harness://{pid}"
+    return {
+        "phase": phase,
+        "hostIP": node.ip,
+        "podIP": sandbox.ip,
+        "podIPs": [{"ip": sandbox.ip}],
+        "startTime": pod.get("status", {}).get("startTime") or timestamp,
+        "conditions": [
+            condition("Initialized", True),
+            condition("Ready", ready),
+            condition("ContainersReady", ready),
+            condition("PodScheduled", True),
+        ],
+        "containerStatuses": [container_status],
+    }
+
+
+class PodWorker:
+    """Owns one pod from its first sighting until its object is deleted."""
+
+    def __init__(self, kubelet: Kubelet, pod: JsonObject) -> None:
+        self._kubelet = kubelet
+        self.pod = pod
+        self._changed = asyncio.Event()
+        self._object_gone = False
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def uid(self) -> str:
+        return str(self.pod["metadata"]["uid"])
+
+    @property
+    def _key(self) -> str:
+        return f"{self.pod['metadata']['namespace']}/{self.pod['metadata']['name']}"
+
+    @property
+    def deleting(self) -> bool:
+        return self._object_gone or bool(self.pod["metadata"].get("deletionTimestamp"))
+
+    def update(self, pod: JsonObject) -> None:
+        self.pod = pod
+        self._changed.set()
+
+    def object_deleted(self) -> None:
+        """The object is gone from the API (force-deleted): tear down without the final delete."""
+        self._object_gone = True
+        self._changed.set()
+
+    async def run(self) -> None:
+        sandbox: Sandbox | None = None
+        try:
+            sandbox = await self._create_sandbox()
+            await self._run_container(sandbox)
+        except Exception as error:
+            log.exception("%s: pod worker failed", self._key)
+            await self._report_failure(error)
+            await self._wait_for_deletion(None)
+        finally:
+            await self._stop_process()
+            if sandbox is not None:
+                await asyncio.to_thread(self._kubelet.network.detach, sandbox)
+            if not self._object_gone:
+                await self._kubelet.delete_pod_object(self.pod)
+            self._kubelet.forget(self.uid)
+            log.info("%s: removed", self._key)
+
+    async def _create_sandbox(self) -> Sandbox:
+        if self.pod["spec"].get("hostNetwork"):
+            return self._kubelet.network.host_sandbox()
+        meta = self.pod["metadata"]
+        return await asyncio.to_thread(
+            self._kubelet.network.attach, meta["namespace"], meta["name"], self.uid
+        )
+
+    async def _prepare(self, sandbox: Sandbox) -> tuple[list[str], dict[str, str]]:
+        """What the process needs before it starts: its argv and environment."""
+        env = container_environment(self.pod, sandbox, self._kubelet.node)
+        return container_argv(self.pod["spec"]["containers"][0], env), env
+
+    async def _run_container(self, sandbox: Sandbox) -> None:
+        node = self._kubelet.node
+        try:
+            argv, env = await self._prepare(sandbox)
+        except ContainerConfigError as error:
+            waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
+            await self._patch_status(
+                pod_status(
+                    self.pod, sandbox, node, phase="Pending", container_state=waiting, ready=False, restarts=0
+                )
+            )
+            await self._wait_for_deletion(None)
+            return
+        log_path = self._kubelet.layout.pod_log(
+            self.pod["metadata"]["namespace"], self.pod["metadata"]["name"]
+        )
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_bytes(b"")
+        policy = self.pod["spec"].get("restartPolicy", "Always")
+        restarts = 0
+        last_state: JsonObject | None = None
+        while not self.deleting:
+            with log_path.open("ab") as log_file:
+                self._process = await asyncio.create_subprocess_exec(
+                    *netns.enter(sandbox.netns, argv),
+                    env=env,
+                    cwd=REPO_ROOT,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            pid = self._process.pid
+            log.info("%s: started pid %d in %s ip %s: %s", self._key, pid, sandbox.netns, sandbox.ip, argv)
+            running = {"running": {"startedAt": now()}}
+            await self._patch_status(
+                pod_status(
+                    self.pod,
+                    sandbox,
+                    node,
+                    phase="Running",
+                    container_state=running,
+                    ready=True,
+                    restarts=restarts,
+                    last_state=last_state,
+                    pid=pid,
+                )
+            )
+            exit_code = await self._wait_for_exit_or_deletion()
+            if exit_code is None:
+                return
+            self._process = None
+            log.info("%s: pid %d exited with %d", self._key, pid, exit_code)
+            terminated: JsonObject = {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "startedAt": running["running"]["startedAt"],
+                    "finishedAt": now(),
+                }
+            }
+            if policy == "Never" or (policy == "OnFailure" and exit_code == 0):
+                phase = "Succeeded" if exit_code == 0 else "Failed"
+                await self._patch_status(
+                    pod_status(
+                        self.pod,
+                        sandbox,
+                        node,
+                        phase=phase,
+                        container_state=terminated,
+                        ready=False,
+                        restarts=restarts,
+                    )
+                )
+                await self._wait_for_deletion(None)
+                return
+            restarts += 1
+            last_state = terminated
+            backoff = min(MAX_BACKOFF_SECONDS, 2.0 ** (restarts - 1))
+            waiting = {"waiting": {"reason": "CrashLoopBackOff", "message": f"back-off {backoff:.0f}s"}}
+            await self._patch_status(
+                pod_status(
+                    self.pod,
+                    sandbox,
+                    node,
+                    phase="Running",
+                    container_state=waiting,
+                    ready=False,
+                    restarts=restarts,
+                    last_state=last_state,
+                )
+            )
+            await self._wait_for_deletion(backoff)
+
+    async def _wait_for_deletion(self, timeout: float | None) -> None:
+        """Returns when the pod is being deleted, or after `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.deleting:
+                    await self._changed.wait()
+                    self._changed.clear()
+
+    async def _wait_for_exit_or_deletion(self) -> int | None:
+        """The process's exit code, or None when deletion began first."""
+        assert self._process is not None
+        exited = asyncio.ensure_future(self._process.wait())
+        deletion = asyncio.ensure_future(self._wait_for_deletion(None))
+        await asyncio.wait([exited, deletion], return_when=asyncio.FIRST_COMPLETED)
+        deletion.cancel()
+        if exited.done() and not self.deleting:
+            return exited.result()
+        exited.cancel()
+        return None
+
+    async def _stop_process(self) -> None:
+        """SIGTERM to the process group, the grace period, then SIGKILL."""
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        metadata, spec = self.pod["metadata"], self.pod["spec"]
+        grace = metadata.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = spec.get("terminationGracePeriodSeconds", 30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=min(float(grace), MAX_GRACE_SECONDS))
+        except TimeoutError:
+            log.info("%s: pid %d ignored SIGTERM for %ss, killing", self._key, process.pid, grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+    async def _report_failure(self, error: Exception) -> None:
+        """Puts the reason on the pod, so a test waiting for it shows why instead of timing out mutely."""
+        with contextlib.suppress(ApiUnavailable):
+            await self._patch_status({"reason": "HarnessKubeletError", "message": f"{error!r}"})
+
+    async def _patch_status(self, status: JsonObject) -> None:
+        meta = self.pod["metadata"]
+        response = await self._kubelet.api.request(
+            "PATCH",
+            f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+            body={"status": status},
+            content_type=MERGE_PATCH,
+        )
+        if not response.ok and response.status != 404:
+            log.warning("%s: status patch failed: %s %s", self._key, response.status, response.body)
+
+
+class Kubelet:
+    """Registers the node, keeps it Ready, and runs a `PodWorker` per pod bound to it."""
+
+    def __init__(self, layout: Layout, node: NodeLayout, api: KubeApi) -> None:
+        self.layout = layout
+        self.node = node
+        self.api = api
+        self.network = PodNetwork(layout, node)
+        self._workers: dict[str, PodWorker] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        await self._register_node()
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        try:
+            await self._sync_pods()
+        finally:
+            heartbeat.cancel()
+
+    def forget(self, uid: str) -> None:
+        self._workers.pop(uid, None)
+
+    async def delete_pod_object(self, pod: JsonObject) -> None:
+        meta = pod["metadata"]
+        response = await self.api.request(
+            "DELETE",
+            f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+            body={"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
+        )
+        if not response.ok and response.status not in (404, 409):
+            log.warning("%s/%s: final delete failed: %s", meta["namespace"], meta["name"], response.body)
+
+    async def _register_node(self) -> None:
+        """Creates the Node with a Ready status (so it is never tainted not-ready), or refreshes it."""
+        node = self.node
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node.name,
+                "labels": {
+                    "kubernetes.io/hostname": node.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                },
+            },
+            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+            "status": self._node_status(),
+        }
+        while True:
+            try:
+                response = await self.api.request("POST", "/api/v1/nodes", body=body)
+                if response.status == 409:
+                    response = await self.api.request(
+                        "PATCH",
+                        f"/api/v1/nodes/{node.name}/status",
+                        body={"status": self._node_status()},
+                        content_type=MERGE_PATCH,
+                    )
+                if response.ok:
+                    break
+                log.warning("node registration: %s %s", response.status, response.body)
+            except ApiUnavailable:
+                pass
+            await asyncio.sleep(0.2)
+        log.info("registered node %s (%s, pods %s)", node.name, node.ip, node.pod_cidr)
+
+    def _node_status(self) -> JsonObject:
+        timestamp = now()
+
+        def condition(kind: str, status: str, reason: str) -> JsonObject:
+            return {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "lastHeartbeatTime": timestamp,
+                "lastTransitionTime": timestamp,
+            }
+
+        return {
+            "capacity": NODE_CAPACITY,
+            "allocatable": NODE_CAPACITY,
+            "conditions": [
+                condition("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+                condition("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+                condition("PIDPressure", "False", "KubeletHasSufficientPID"),
+                condition("Ready", "True", "KubeletReady"),
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": self.node.ip},
+                {"type": "Hostname", "address": self.node.name},
+            ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+                "kernelVersion": os.uname().release,
+                "osImage": "ambient-agent e2e harness",
+                "containerRuntimeVersion": "harness://0",
+                "kubeletVersion": K8S_VERSION,
+                "kubeProxyVersion": K8S_VERSION,
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+            },
+        }
+
+    async def _heartbeat(self) -> None:
+        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node.name}"
+        lease: JsonObject = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.node.name, "leaseDurationSeconds": LEASE_DURATION_SECONDS},
+        }
+        while True:
+            try:
+                renew = {"spec": {"renewTime": now_micro()}}
+                response = await self.api.request("PATCH", path, body=renew, content_type=MERGE_PATCH)
+                if response.status == 404:
+                    lease["spec"].update(renew["spec"])
+                    response = await self.api.request("POST", path.rsplit("/", 1)[0], body=lease)
+                if not response.ok:
+                    log.warning("lease renewal failed: %s %s", response.status, response.body)
+            except ApiUnavailable as error:
+                log.warning("lease renewal failed: %s", error)
+            await asyncio.sleep(LEASE_RENEW_SECONDS)
+
+    async def _sync_pods(self) -> None:
+        """LIST then WATCH this node's pods forever; relists after a watch error (e.g. 410 Gone)."""
+        params = {"fieldSelector": f"spec.nodeName={self.node.name}"}
+        while True:
+            try:
+                listing = await self.api.request("GET", "/api/v1/pods", params=params)
+                if not listing.ok:
+                    raise ApiUnavailable(f"list pods: {listing.status} {listing.body}")
+                present = set()
+                for pod in listing.body.get("items", []):
+                    present.add(pod["metadata"]["uid"])
+                    self._observe(pod)
+                for uid, worker in list(self._workers.items()):
+                    if uid not in present:
+                        worker.object_deleted()
+                version = listing.body["metadata"]["resourceVersion"]
+                while version:
+                    version = await self._watch_from(params, version)
+            except ApiUnavailable as error:
+                log.warning("pod sync: %s; relisting", error)
+                await asyncio.sleep(0.5)
+
+    async def _watch_from(self, params: dict[str, str], version: str) -> str:
+        """Processes watch events; the version to resume from, or "" when a relist is needed."""
+        query = {**params, "resourceVersion": version, "allowWatchBookmarks": "true", "timeoutSeconds": "300"}
+        async for event in self.api.watch("/api/v1/pods", query):
+            kind, obj = event["type"], event["object"]
+            if kind == "ERROR":
+                log.info("watch error %s; relisting", obj.get("code"))
+                return ""
+            version = obj["metadata"]["resourceVersion"]
+            if kind == "BOOKMARK":
+                continue
+            if kind == "DELETED":
+                worker = self._workers.get(obj["metadata"]["uid"])
+                if worker is not None:
+                    worker.update(obj)
+                    worker.object_deleted()
+            else:
+                self._observe(obj)
+        return version
+
+    def _observe(self, pod: JsonObject) -> None:
+        uid = pod["metadata"]["uid"]
+        worker = self._workers.get(uid)
+        if worker is not None:
+            worker.update(pod)
+            return
+        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            return
+        if pod["metadata"].get("deletionTimestamp"):
+            # Never started here (e.g. deleted before this kubelet saw it): only the object is left.
+            task = asyncio.create_task(self.delete_pod_object(pod))
+        else:
+            worker = PodWorker(self, pod)
+            self._workers[uid] = worker
+            task = asyncio.create_task(worker.run(), name=f"pod {uid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _node_from_state(state_dir: Path, node_name: str) -> tuple[Layout, NodeLayout]:
+    state: dict[str, Any] = json.loads((state_dir / "cluster.json").read_text())
+    layout = Layout(prefix=state["prefix"], state_dir=state_dir, node_count=state["node_count"])
+    for node in layout.nodes:
+        if node.name == node_name:
+            return layout, node
+    raise SystemExit(f"kubelet: no node {node_name!r} in {state_dir}")
+
+
+async def _main(state_dir: Path, node_name: str) -> None:
+    layout, node = _node_from_state(state_dir, node_name)
+    pki = layout.pki_dir
+    api = KubeApi(
+        f"https://{CONTROL_PLANE_IP}:{API_PORT}", pki / "ca.crt", pki / "admin.crt", pki / "admin.key"
+    )
+    try:
+        await Kubelet(layout, node, api).run()
+    finally:
+        await api.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="the e2e harness kubelet for one node")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--node", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format=f"%(asctime)s {args.node} %(levelname)s %(message)s"
+    )
+    asyncio.run(_main(args.state_dir, args.node))
+
+
+if __name__ == "__main__":
+    main()
