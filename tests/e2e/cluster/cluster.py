@@ -108,11 +108,14 @@ class Cluster:
     def api(self, method: str, path: str, body: JsonObject | None = None) -> tuple[int, Any]:
         """One admin API call with the standard library: (status, decoded body); status 0 if unreachable.
 
+        PATCH bodies are JSON merge patches.
+
         The harness's own calls use this rather than `core`: plain JSON, no model classes to import.
         """
         host = self.api_server.removeprefix("https://").rsplit(":", 1)[0]
         connection = http.client.HTTPSConnection(host, API_PORT, context=self._tls, timeout=10)
-        headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        content_type = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
             connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
             response = connection.getresponse()
