@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
@@ -276,6 +277,60 @@ class Cluster:
                 if not any(needle in c for c in cmdlines):
                     dead.append(name)
         return dead
+
+    # -- objects -----------------------------------------------------------------------------------
+
+    def collection_path(self, api_version: str, kind: str, namespace: str | None = None) -> str:
+        """The REST collection path of `kind`, found through API discovery (plural, scope)."""
+        base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        status, listing = self.api("GET", base)
+        if status != 200:
+            raise ClusterError(f"GET {base}: {status} {listing}")
+        for resource in listing["resources"]:
+            if resource["kind"] == kind and "/" not in resource["name"]:
+                if resource["namespaced"]:
+                    return f"{base}/namespaces/{namespace or 'default'}/{resource['name']}"
+                return f"{base}/{resource['name']}"
+        raise ClusterError(f"the API server does not serve {kind} in {api_version}")
+
+    def apply(
+        self, documents: Path | Sequence[JsonObject], *, dry_run: bool = False
+    ) -> list[tuple[int, Any]]:
+        """Creates every object of a YAML file (or list of objects); existing objects are replaced.
+
+        Returns (status, reply) per object; `dry_run` asks the server to validate without persisting.
+        CRDs are waited on until Established, so objects of their kinds can follow at once.
+        """
+        if isinstance(documents, Path):
+            documents = [doc for doc in yaml.safe_load_all(documents.read_text()) if doc]
+        suffix = "?dryRun=All" if dry_run else ""
+        results = []
+        for obj in documents:
+            metadata = obj["metadata"]
+            path = self.collection_path(obj["apiVersion"], obj["kind"], metadata.get("namespace"))
+            status, reply = self.api("POST", path + suffix, obj)
+            if status == 409:
+                status, current = self.api("GET", f"{path}/{metadata['name']}")
+                if status == 200:
+                    replacement = {
+                        **obj,
+                        "metadata": {**metadata, "resourceVersion": current["metadata"]["resourceVersion"]},
+                    }
+                    status, reply = self.api("PUT", f"{path}/{metadata['name']}{suffix}", replacement)
+            results.append((status, reply))
+            if obj["kind"] == "CustomResourceDefinition" and status in (200, 201) and not dry_run:
+                self._wait(
+                    lambda name=metadata["name"]: self._crd_established(name),
+                    time.monotonic() + 30,
+                    f"CRD {metadata['name']} established",
+                    "kube-apiserver",
+                )
+        return results
+
+    def _crd_established(self, name: str) -> bool:
+        status, crd = self.api("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        conditions = crd.get("status", {}).get("conditions", []) if status == 200 else []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     # -- pods --------------------------------------------------------------------------------------
 
