@@ -329,7 +329,8 @@ class Cluster:
 
     def _crd_established(self, name: str) -> bool:
         status, crd = self.api("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-        conditions = crd.get("status", {}).get("conditions", []) if status == 200 else []
+        # A CRD just created may have no status yet, or a status with `conditions: null`.
+        conditions = ((crd.get("status") or {}).get("conditions") or []) if status == 200 else []
         return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     # -- pods --------------------------------------------------------------------------------------
