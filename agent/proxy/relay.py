@@ -16,16 +16,13 @@ stream inside a pooled HTTP/2 connection. The relay itself only forwards and cou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from agent.observability.metrics import TrackedConnection
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
+from agent.proxy.sockets import reset_on_close
 
 
 class RelayEnd(Protocol):
@@ -56,13 +53,13 @@ class RelayOutcome:
 
 
 class Relay:
-    """Joins a downstream end (the client side) and an upstream end (the server side)."""
+    """Joins a downstream end (the client side) and an upstream end (the server side).
 
-    def __init__(
-        self,
-        on_done: Callable[[RelayOutcome], None],
-        counters: TrackedConnection | None = None,
-    ) -> None:
+    Bytes are counted into every one of `counters`: a connection the agent both sends and receives
+    (a same-node tunnel) is reported by the source's and by the destination's side at once.
+    """
+
+    def __init__(self, on_done: Callable[[RelayOutcome], None], *counters: TrackedConnection) -> None:
         self._on_done = on_done
         self.counters = counters
         self._downstream: RelayEnd | None = None
@@ -85,13 +82,13 @@ class Relay:
         if from_downstream:
             assert self._upstream is not None
             self._upstream.send(data)
-            if self.counters is not None:
-                self.counters.sent += len(data)
+            for counters in self.counters:
+                counters.sent += len(data)
         else:
             assert self._downstream is not None
             self._downstream.send(data)
-            if self.counters is not None:
-                self.counters.received += len(data)
+            for counters in self.counters:
+                counters.received += len(data)
 
     def eof(self, *, from_downstream: bool) -> None:
         if self.finished:
@@ -168,8 +165,8 @@ class TcpEnd(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; uvloop's implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.pause_reading()
         if not self.connected.done():
             self.connected.set_result(None)
@@ -245,9 +242,7 @@ class TcpEnd(asyncio.Protocol):
             return
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            # The socket may already be gone; abort() below still releases the transport.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            reset_on_close(sock)
         self.transport.abort()
 
     def _forward_eof(self) -> None:
@@ -265,6 +260,17 @@ async def connect_tcp_end(sock: socket.socket, destination: tuple[str, int]) -> 
     try:
         await loop.sock_connect(sock, destination)
         _, end = await loop.create_connection(lambda: TcpEnd(downstream=False), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return end
+
+
+async def accept_tcp_end(sock: socket.socket) -> TcpEnd:
+    """Wraps an accepted client socket as a downstream end (holding its data until a relay joins)."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, end = await loop.connect_accepted_socket(lambda: TcpEnd(downstream=True), sock)
     except BaseException:
         sock.close()
         raise

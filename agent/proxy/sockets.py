@@ -8,8 +8,10 @@ to a local pod binds `IP_TRANSPARENT` to the client's IP so the application sees
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
 
 IP_TRANSPARENT = 19
@@ -17,6 +19,8 @@ IP_TRANSPARENT = 19
 
 IPV6_TRANSPARENT = 75
 """`IPV6_TRANSPARENT` from linux/in6.h."""
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class SocketSetupError(OSError):
@@ -107,3 +111,20 @@ def upstream_socket(destination: Address, *, mark: int, source: Address | None =
 def original_destination(sock: socket.socket) -> Address:
     """Where a TPROXY-captured connection was going: the accepted socket's local address."""
     return Address.of(sock.getsockname())
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Makes closing `sock` send a TCP RST, so the peer sees a reset rather than a clean end of stream.
+
+    A refused or failed connection must reach the client as a reset: a clean FIN would read as
+    "the server answered nothing", and a client must not mistake a refusal for an empty reply.
+    """
+    # The peer may have gone already, making the option fail; closing still releases the socket.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def reset(sock: socket.socket) -> None:
+    """Closes a socket no transport owns yet with a TCP RST."""
+    reset_on_close(sock)
+    sock.close()

@@ -51,7 +51,8 @@ class Tunnel:
     """The pod address to ask for in the CONNECT request (`:authority`)."""
 
     gateway: Address
-    """Where to dial: the destination node's agent, `node IP:15008`."""
+    """Where to dial: the destination pod's IP at the HBONE port (15008). The destination node's agent
+    captures it there (TPROXY) and answers with that pod's identity, which a node IP could not name."""
 
     same_node: bool
     """The destination runs on the source's node: hand it to the local inbound path instead of dialing."""
@@ -134,7 +135,7 @@ def _tunnel(
         destination=destination,
         destination_identity=destination.spiffe_id(trust_domain),
         target=target,
-        gateway=Address(destination.node_ip, snapshot.mesh.hbone_port),
+        gateway=Address(target.ip, snapshot.mesh.hbone_port),
         same_node=destination.node == source.node,
         service=service,
     )

@@ -62,7 +62,7 @@ def tunnel_to(
         destination=server,
         destination_identity="spiffe://cluster.local/ns/shop/sa/web",
         target=target,
-        gateway=Address(server.node_ip, 15008),
+        gateway=Address(server.ip, 15008),
         same_node=same_node,
         service=via,
     )
@@ -212,7 +212,7 @@ def test_mesh_settings_shape_identities_and_gateway() -> None:
     assert isinstance(decision, Tunnel)
     assert decision.source_identity == "spiffe://example.org/ns/shop/sa/client"
     assert decision.destination_identity == "spiffe://example.org/ns/shop/sa/web"
-    assert decision.gateway == at("10.0.0.2", 15108)
+    assert decision.gateway == at("10.2.0.3", 15108)
 
 
 def test_ipv6_destination() -> None:
@@ -224,7 +224,7 @@ def test_ipv6_destination() -> None:
 
     assert isinstance(decision, Tunnel)
     assert str(decision.target) == "[fd00::3]:8080"
-    assert str(decision.gateway) == "10.0.0.2:15008"
+    assert str(decision.gateway) == "[fd00::3]:15008"
 
 
 def test_load_balanced_target_is_the_endpoint_address() -> None:

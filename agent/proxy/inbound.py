@@ -1,0 +1,367 @@
+"""Inbound: connections to this node's enrolled pods, over HBONE (15008), in plaintext (15006), and
+from same-node clients handed over by the outbound side; delivered with the client's own IP.
+
+HBONE: the connection is accepted as plain TCP first; its local address (under TPROXY, the
+destination pod's IP) names the local workload whose certificate the TLS server presents. The
+client must present a certificate chaining to the trust bundle, naming a workload identity of the
+mesh's trust domain. Each CONNECT is then checked: the target must be a local enrolled workload
+with the identity this connection was served as (else 503), authorization must allow the client's
+identity (else 401), and the upstream connection must succeed (else 503); only then is it answered
+200 and relayed.
+
+The client's IP: a tunnel's `forwarded` header names the original client. It is trusted only when
+the snapshot says that IP is a workload with the identity the client authenticated as; then it is
+what authorization sees and what delivery binds to (`IP_TRANSPARENT`), so the destination
+application sees its real peer. Otherwise another workload's IP would be spoofed on the word of
+whoever holds any mesh certificate: authorization then sees the tunnel's own peer address, and the
+delivery comes from this agent's own address.
+
+Plaintext: allowed unless the destination's effective PeerAuthentication is STRICT; authorization
+runs without an identity (policies by IP or port still apply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import ip_address
+
+from agent.hbone import MalformedTunnelRequest, RefusalReason, TunnelRequested
+from agent.identity.spiffe import SpiffeId
+from agent.observability.metrics import PeerLabels, TcpLabels
+from agent.proxy.config import DataPlaneSettings
+from agent.proxy.credentials import CredentialSource, CredentialUnavailable, TlsContexts
+from agent.proxy.hbone_driver import HboneServerDriver, HboneStreamEnd
+from agent.proxy.relay import TcpEnd, accept_tcp_end, connect_tcp_end
+from agent.proxy.sessions import InboundAuthorization, Leg, ResponseFlag, Sessions, peer_labels
+from agent.proxy.sockets import Address, SocketSetupError, reset, upstream_socket
+from agent.proxy.tasks import OwnedTasks
+from agent.state import Deny, InboundConnection, IPAddress, Snapshot, Workload, authorize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    reason: RefusalReason
+    flag: ResponseFlag
+    detail: str
+
+
+class InboundProxy:
+    """Serves the inbound listeners and same-node deliveries of one data plane."""
+
+    def __init__(
+        self,
+        settings: DataPlaneSettings,
+        *,
+        snapshot: Callable[[], Snapshot],
+        credentials: CredentialSource,
+        contexts: TlsContexts,
+        sessions: Sessions,
+        tasks: OwnedTasks,
+        node_name: str,
+    ) -> None:
+        self._settings = settings
+        self._snapshot = snapshot
+        self._credentials = credentials
+        self._contexts = contexts
+        self._sessions = sessions
+        self._tasks = tasks
+        self._node_name = node_name
+        self.connections: set[HboneServerDriver] = set()
+        """The HBONE connections being served."""
+        self._draining = False
+
+    # HBONE (15008)
+
+    async def serve_hbone(self, sock: socket.socket, client: Address, local: Address) -> None:
+        """Serves one accepted TCP connection to the HBONE port, addressed to `local`."""
+        try:
+            served = await self._served_identity(local)
+        except BaseException:
+            reset(sock)
+            raise
+        if isinstance(served, str):
+            log.info("HBONE connection from %s to %s refused: %s", client, local, served)
+            reset(sock)
+            return
+        identity, context = served
+        settings = self._settings
+        trust_domain = self._snapshot().mesh.trust_domain
+        driver = HboneServerDriver(
+            settings.hbone,
+            served_identity=identity,
+            trust_domain=trust_domain,
+            on_tunnel=self._tunnel_requested,
+            on_malformed=self._malformed,
+            keepalive_interval_s=settings.keepalive_interval_s,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            # The protocol comes from here, not from the result: uvloop returns its SSL layer there.
+            await loop.connect_accepted_socket(
+                lambda: driver, sock, ssl=context, ssl_handshake_timeout=settings.connect_timeout_s
+            )
+        except OSError as error:  # ssl.SSLError included: no or an untrusted client certificate
+            log.info("HBONE handshake from %s to %s failed: %s", client, local, error)
+            return
+        if driver.rejection:
+            return
+        self.connections.add(driver)
+        driver.lost.add_done_callback(lambda _: self.connections.discard(driver))
+        if self._draining:
+            driver.start_drain()
+
+    async def _served_identity(self, local: Address) -> tuple[SpiffeId, ssl.SSLContext] | str:
+        snapshot = self._snapshot()
+        workload = self._local_workload(snapshot, ip_address(local.ip))
+        if workload is None:
+            return f"{local.ip} is not an enrolled workload on this node"
+        identity = workload.spiffe_id(snapshot.mesh.trust_domain)
+        credential = await self._credentials.credential(identity, self._settings.credential_wait_s)
+        if isinstance(credential, CredentialUnavailable):
+            return f"no certificate for {identity}: {credential.reason}"
+        return credential.spiffe_id, self._contexts.server(credential, self._credentials.trust_bundle())
+
+    def _tunnel_requested(
+        self, driver: HboneServerDriver, stream: HboneStreamEnd, request: TunnelRequested
+    ) -> None:
+        self._tasks.spawn(
+            self._serve_tunnel(driver, stream, request),
+            name=f"inbound tunnel {request.forwarded_for} -> {request.target}",
+        )
+
+    async def _serve_tunnel(
+        self, driver: HboneServerDriver, stream: HboneStreamEnd, request: TunnelRequested
+    ) -> None:
+        accepted_at = time.monotonic()
+        snapshot = self._snapshot()
+        trust_domain = snapshot.mesh.trust_domain
+        peer_identity = str(driver.peer_identity)
+        peer = driver.peer_address
+        assert peer is not None
+        client = request.forwarded_for
+        claimed = snapshot.workload(client.ip) if client is not None else None
+        # Only a workload's own identity may speak for its IP (see the module docstring).
+        source = claimed if claimed is not None and claimed.spiffe_id(trust_domain) == peer_identity else None
+        source_ip = client.ip if source is not None and client is not None else ip_address(peer.ip)
+        target = Address(str(request.target.ip), request.target.port)
+        destination = self._local_workload(snapshot, request.target.ip)
+        destination_identity = destination.spiffe_id(trust_domain) if destination is not None else ""
+        leg = Leg(
+            "inbound",
+            TcpLabels(
+                "destination",
+                peer_labels(source, peer_identity),
+                peer_labels(destination, destination_identity),
+                security_policy="mutual_tls",
+            ),
+            str(client) if client is not None else str(peer),
+            str(target),
+        )
+        if destination is None or destination_identity != str(driver.served_identity):
+            driver.refuse(stream, RefusalReason.NO_LOCAL_WORKLOAD)
+            detail = f"{target.ip} is not an enrolled workload of {driver.served_identity} on this node"
+            self._sessions.refused([leg], ResponseFlag.NO_HEALTHY_UPSTREAM, detail, accepted_at)
+            return
+        connection = InboundConnection(
+            source_ip=source_ip,
+            destination_ip=request.target.ip,
+            destination_port=request.target.port,
+            source_identity=peer_identity,
+        )
+        deliver_from = Address(str(source_ip), 0) if source is not None else None
+        try:
+            upstream = await self._open_upstream(snapshot, destination, target, connection, deliver_from)
+        except BaseException:
+            stream.abort()
+            raise
+        if isinstance(upstream, _Refusal):
+            driver.refuse(stream, upstream.reason)
+            self._sessions.refused([leg], upstream.flag, upstream.detail, accepted_at)
+            return
+        if not driver.accept(stream):
+            upstream.abort()
+            detail = "the client reset the tunnel before it was accepted"
+            self._sessions.refused([leg], ResponseFlag.DOWNSTREAM_TERMINATED, detail, accepted_at)
+            return
+        relay = self._sessions.begin([leg], InboundAuthorization(destination, connection))
+        stream.relay = upstream.relay = relay
+        relay.join(stream, upstream)
+
+    def _malformed(self, driver: HboneServerDriver, event: MalformedTunnelRequest) -> None:
+        log.info(
+            "malformed HBONE request from %s (%s): %s",
+            driver.peer_address,
+            driver.peer_identity,
+            event.problem,
+        )
+        labels = TcpLabels("destination", PeerLabels(principal=str(driver.peer_identity)), PeerLabels())
+        leg = Leg("inbound", labels, str(driver.peer_address), "")
+        self._sessions.refused([leg], ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, event.problem, time.monotonic())
+
+    # Plaintext (15006)
+
+    async def serve_plaintext(self, sock: socket.socket, client: Address, local: Address) -> None:
+        """Serves one captured plaintext connection from a non-mesh client to the local pod at `local`."""
+        accepted_at = time.monotonic()
+        snapshot = self._snapshot()
+        client_ip, local_ip = ip_address(client.ip), ip_address(local.ip)
+        destination = self._local_workload(snapshot, local_ip)
+        destination_identity = (
+            destination.spiffe_id(snapshot.mesh.trust_domain) if destination is not None else ""
+        )
+        leg = Leg(
+            "inbound",
+            TcpLabels(
+                "destination",
+                peer_labels(snapshot.workload(client_ip)),
+                peer_labels(destination, destination_identity),
+            ),
+            str(client),
+            str(local),
+        )
+        if destination is None:
+            reset(sock)
+            detail = f"{local.ip} is not an enrolled workload on this node"
+            self._sessions.refused([leg], ResponseFlag.NO_HEALTHY_UPSTREAM, detail, accepted_at)
+            return
+        connection = InboundConnection(
+            source_ip=client_ip, destination_ip=local_ip, destination_port=local.port
+        )
+        try:
+            upstream = await self._open_upstream(
+                snapshot, destination, local, connection, Address(client.ip, 0)
+            )
+        except BaseException:
+            reset(sock)
+            raise
+        if isinstance(upstream, _Refusal):
+            reset(sock)
+            self._sessions.refused([leg], upstream.flag, upstream.detail, accepted_at)
+            return
+        try:
+            downstream = await accept_tcp_end(sock)
+        except BaseException:
+            upstream.abort()
+            raise
+        relay = self._sessions.begin([leg], InboundAuthorization(destination, connection))
+        downstream.relay = upstream.relay = relay
+        relay.join(downstream, upstream)
+
+    # Same node
+
+    async def deliver_local(
+        self, downstream: TcpEnd, client: Address, target: Address, source_identity: str, outbound: Leg
+    ) -> None:
+        """Delivers a connection from a local pod to a local pod as if it came through HBONE: the
+        same checks, metrics and log lines, without TLS since it never leaves this process.
+        `outbound` is the source side's leg, reported along with the destination side's."""
+        accepted_at = time.monotonic()
+        snapshot = self._snapshot()
+        target_ip = ip_address(target.ip)
+        inbound = Leg(
+            "inbound",
+            TcpLabels(
+                "destination",
+                outbound.labels.source,
+                outbound.labels.destination,
+                outbound.labels.service,
+                security_policy="mutual_tls",
+            ),
+            outbound.source_address,
+            str(target),
+        )
+        legs = [outbound, inbound]
+        destination = self._local_workload(snapshot, target_ip)
+        if destination is None:
+            downstream.abort()
+            detail = f"{target.ip} is not an enrolled workload on this node"
+            self._sessions.refused(legs, ResponseFlag.NO_HEALTHY_UPSTREAM, detail, accepted_at)
+            return
+        client_ip = ip_address(client.ip)
+        connection = InboundConnection(
+            source_ip=client_ip,
+            destination_ip=target_ip,
+            destination_port=target.port,
+            source_identity=source_identity,
+        )
+        upstream = await self._open_upstream(snapshot, destination, target, connection, Address(client.ip, 0))
+        if isinstance(upstream, _Refusal):
+            downstream.abort()
+            self._sessions.refused(legs, upstream.flag, upstream.detail, accepted_at)
+            return
+        if downstream.lost.done():
+            upstream.abort()
+            self._sessions.refused(legs, ResponseFlag.DOWNSTREAM_TERMINATED, "the client left", accepted_at)
+            return
+        relay = self._sessions.begin(legs, InboundAuthorization(destination, connection))
+        downstream.relay = upstream.relay = relay
+        relay.join(downstream, upstream)
+
+    # Drain
+
+    def start_drain(self) -> None:
+        """GOAWAY on every served HBONE connection (and on those still in their handshake)."""
+        self._draining = True
+        for driver in list(self.connections):
+            driver.start_drain()
+
+    def abort(self, reason: str) -> None:
+        """Drops every served HBONE connection."""
+        for driver in list(self.connections):
+            driver.abort(reason)
+
+    # Shared
+
+    def _local_workload(self, snapshot: Snapshot, ip: IPAddress) -> Workload | None:
+        workload = snapshot.workload(ip)
+        if workload is None or workload.node != self._node_name or not workload.enrolled:
+            return None
+        return workload
+
+    async def _open_upstream(
+        self,
+        snapshot: Snapshot,
+        destination: Workload,
+        target: Address,
+        connection: InboundConnection,
+        deliver_from: Address | None,
+    ) -> TcpEnd | _Refusal:
+        """Authorizes, then connects to the pod from `deliver_from` (None: from the agent's address)."""
+        decision = authorize(snapshot, destination, connection)
+        if isinstance(decision, Deny):
+            return _Refusal(RefusalReason.DENIED_BY_POLICY, ResponseFlag.DENIED, str(decision))
+        try:
+            sock = upstream_socket(target, mark=self._settings.upstream_mark, source=deliver_from)
+        except SocketSetupError as error:
+            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, str(error))
+        timeout_s = self._settings.connect_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                upstream = await connect_tcp_end(sock, (target.ip, target.port))
+        except ConnectionRefusedError:
+            detail = f"{target} refused the connection"
+            return _Refusal(RefusalReason.UPSTREAM_REFUSED, ResponseFlag.UPSTREAM_FAILURE, detail)
+        except TimeoutError:
+            detail = f"{target} did not answer within {timeout_s:g}s"
+            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, detail)
+        except OSError as error:
+            detail = f"cannot connect to {target}: {error}"
+            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, detail)
+        # A snapshot swapped in during the connect re-checked the open connections, not this one.
+        current = self._snapshot()
+        if current is not snapshot:
+            decision = authorize(
+                current, current.workload(connection.destination_ip) or destination, connection
+            )
+            if isinstance(decision, Deny):
+                upstream.abort()
+                return _Refusal(RefusalReason.DENIED_BY_POLICY, ResponseFlag.DENIED, str(decision))
+        return upstream

@@ -1,0 +1,238 @@
+"""Outbound: connections captured from this node's pods (15001), routed by `decide_outbound`.
+
+- Tunnel to another node: the source workload's certificate, a pooled HBONE connection to the
+  destination (pod IP, HBONE port) checked to be served by the destination's identity, one CONNECT
+  per connection naming the client; the client is held (its bytes buffered, reading paused) until
+  the 200, and reset if the tunnel is refused, reset, or cannot be established.
+- Tunnel to this node: handed to the inbound side in-process (same policy, metrics and logs).
+- LoadBalanced / Passthrough: plain TCP to the chosen endpoint / the original destination, from the
+  client's own IP (`IP_TRANSPARENT`) with the agent's upstream mark, as if the agent were not there.
+- Refuse: reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import Callable
+from ipaddress import ip_address
+from typing import assert_never
+
+from agent.hbone import SocketAddress, TunnelFailure
+from agent.observability.metrics import PeerLabels, TcpLabels
+from agent.proxy.config import DataPlaneSettings
+from agent.proxy.credentials import CredentialSource, CredentialUnavailable
+from agent.proxy.inbound import InboundProxy
+from agent.proxy.pool import HbonePool, PoolKey, TunnelNotOpened
+from agent.proxy.relay import TcpEnd, accept_tcp_end, connect_tcp_end
+from agent.proxy.sessions import Leg, ResponseFlag, Sessions, peer_labels, service_labels
+from agent.proxy.sockets import Address, SocketSetupError, upstream_socket
+from agent.state import Address as StateAddress
+from agent.state import (
+    EndpointPicker,
+    LoadBalanced,
+    Passthrough,
+    Refuse,
+    RefuseReason,
+    Snapshot,
+    Tunnel,
+    decide_outbound,
+)
+
+_REFUSAL_FLAGS = {
+    RefuseReason.UNKNOWN_SOURCE: ResponseFlag.NO_ROUTE,
+    RefuseReason.NO_READY_ENDPOINTS: ResponseFlag.NO_HEALTHY_UPSTREAM,
+}
+
+
+class OutboundProxy:
+    """Serves the outbound listener of one data plane."""
+
+    def __init__(
+        self,
+        settings: DataPlaneSettings,
+        *,
+        snapshot: Callable[[], Snapshot],
+        credentials: CredentialSource,
+        pool: HbonePool,
+        inbound: InboundProxy,
+        sessions: Sessions,
+        pick: EndpointPicker = random.randrange,
+    ) -> None:
+        self._settings = settings
+        self._snapshot = snapshot
+        self._credentials = credentials
+        self._pool = pool
+        self._inbound = inbound
+        self._sessions = sessions
+        self._pick = pick
+
+    async def serve(self, sock: socket.socket, client: Address, original_destination: Address) -> None:
+        """Serves one captured connection from `client` that was going to `original_destination`."""
+        accepted_at = time.monotonic()
+        downstream = await accept_tcp_end(sock)
+        try:
+            await self._route(downstream, client, original_destination, accepted_at)
+        except BaseException:
+            downstream.abort()
+            raise
+
+    async def _route(
+        self, downstream: TcpEnd, client: Address, destination: Address, accepted_at: float
+    ) -> None:
+        snapshot = self._snapshot()
+        decision = decide_outbound(
+            snapshot,
+            ip_address(client.ip),
+            StateAddress(ip_address(destination.ip), destination.port),
+            pick=self._pick,
+        )
+        source = snapshot.workload(ip_address(client.ip))
+        match decision:
+            case Refuse():
+                leg = Leg(
+                    "outbound",
+                    TcpLabels("source", peer_labels(source), PeerLabels()),
+                    str(client),
+                    str(destination),
+                )
+                downstream.abort()
+                self._sessions.refused(
+                    [leg], _REFUSAL_FLAGS[decision.reason], decision.reason.value, accepted_at
+                )
+            case Passthrough():
+                labels = TcpLabels(
+                    "source", peer_labels(source), peer_labels(snapshot.workload(decision.target.ip))
+                )
+                leg = Leg("outbound", labels, str(client), str(destination))
+                await self._direct(
+                    downstream,
+                    client,
+                    Address(str(decision.target.ip), decision.target.port),
+                    leg,
+                    accepted_at,
+                )
+            case LoadBalanced():
+                labels = TcpLabels(
+                    "source",
+                    peer_labels(source),
+                    peer_labels(decision.endpoint.workload),
+                    service_labels(decision.service),
+                )
+                leg = Leg("outbound", labels, str(client), str(destination))
+                await self._direct(
+                    downstream,
+                    client,
+                    Address(str(decision.target.ip), decision.target.port),
+                    leg,
+                    accepted_at,
+                )
+            case Tunnel():
+                labels = TcpLabels(
+                    "source",
+                    peer_labels(decision.source, decision.source_identity),
+                    peer_labels(decision.destination, decision.destination_identity),
+                    service_labels(decision.service),
+                    security_policy="mutual_tls",
+                )
+                leg = Leg("outbound", labels, str(client), str(destination))
+                target = Address(str(decision.target.ip), decision.target.port)
+                if decision.same_node:
+                    await self._inbound.deliver_local(
+                        downstream, client, target, decision.source_identity, leg
+                    )
+                else:
+                    await self._tunnel(
+                        downstream, client, decision, snapshot, leg=leg, accepted_at=accepted_at
+                    )
+            case _:
+                assert_never(decision)
+
+    async def _direct(
+        self, downstream: TcpEnd, client: Address, target: Address, leg: Leg, accepted_at: float
+    ) -> None:
+        """Plain TCP to `target`, from the client's IP."""
+        timeout_s = self._settings.connect_timeout_s
+        try:
+            sock = upstream_socket(target, mark=self._settings.upstream_mark, source=Address(client.ip, 0))
+            async with asyncio.timeout(timeout_s):
+                upstream = await connect_tcp_end(sock, (target.ip, target.port))
+        except SocketSetupError as error:
+            self._fail(downstream, leg, ResponseFlag.UPSTREAM_FAILURE, str(error), accepted_at)
+            return
+        except TimeoutError:
+            self._fail(
+                downstream,
+                leg,
+                ResponseFlag.UPSTREAM_FAILURE,
+                f"{target} did not answer within {timeout_s:g}s",
+                accepted_at,
+            )
+            return
+        except OSError as error:
+            self._fail(
+                downstream,
+                leg,
+                ResponseFlag.UPSTREAM_FAILURE,
+                f"cannot connect to {target}: {error}",
+                accepted_at,
+            )
+            return
+        if downstream.lost.done():
+            upstream.abort()
+            self._sessions.refused([leg], ResponseFlag.DOWNSTREAM_TERMINATED, "the client left", accepted_at)
+            return
+        relay = self._sessions.begin([leg])
+        downstream.relay = upstream.relay = relay
+        relay.join(downstream, upstream)
+
+    async def _tunnel(
+        self,
+        downstream: TcpEnd,
+        client: Address,
+        tunnel: Tunnel,
+        snapshot: Snapshot,
+        *,
+        leg: Leg,
+        accepted_at: float,
+    ) -> None:
+        """HBONE to the destination pod's node, presenting the source workload's identity."""
+        credential = await self._credentials.credential(
+            tunnel.source_identity, self._settings.credential_wait_s
+        )
+        if isinstance(credential, CredentialUnavailable):
+            detail = f"no certificate for {tunnel.source_identity}: {credential.reason}"
+            self._fail(downstream, leg, ResponseFlag.UPSTREAM_FAILURE, detail, accepted_at)
+            return
+        key = PoolKey(
+            tunnel.source_identity,
+            tunnel.destination_identity,
+            Address(str(tunnel.gateway.ip), tunnel.gateway.port),
+        )
+        stream = await self._pool.open_tunnel(
+            key,
+            credential,
+            self._credentials.trust_bundle(),
+            SocketAddress(tunnel.target.ip, tunnel.target.port),
+            SocketAddress(ip_address(client.ip), client.port),
+        )
+        if isinstance(stream, TunnelNotOpened):
+            denied = stream.declined is not None and stream.declined.failure is TunnelFailure.DENIED
+            flag = ResponseFlag.DENIED if denied else ResponseFlag.UPSTREAM_FAILURE
+            self._fail(downstream, leg, flag, stream.reason, accepted_at)
+            return
+        if downstream.lost.done():
+            stream.abort()
+            self._sessions.refused([leg], ResponseFlag.DOWNSTREAM_TERMINATED, "the client left", accepted_at)
+            return
+        relay = self._sessions.begin([leg])
+        downstream.relay = stream.relay = relay
+        relay.join(downstream, stream)
+
+    def _fail(
+        self, downstream: TcpEnd, leg: Leg, flag: ResponseFlag, detail: str, accepted_at: float
+    ) -> None:
+        downstream.abort()
+        self._sessions.refused([leg], flag, detail, accepted_at)

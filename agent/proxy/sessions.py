@@ -1,0 +1,198 @@
+"""The data plane's live connections: their metrics, access-log lines, policy re-checks and drain.
+
+Every relayed connection is a session with one or two legs: the source's view (reporter `source`,
+an `outbound` log line) and/or the destination's (reporter `destination`, `inbound`). A cross-node
+tunnel has one leg on each node; a same-node tunnel has both legs in this process. Refusals count
+as failed connections with a response flag and get a log line too. Inbound sessions remember what
+they were authorized as, so a snapshot with new policies can close those it now denies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.observability.accesslog import AccessLog, AccessRecord, Direction
+from agent.observability.metrics import AgentMetrics, PeerLabels, ServiceLabels, TcpLabels, TrackedConnection
+from agent.proxy.relay import Relay, RelayOutcome
+from agent.state import Deny, InboundConnection, ServiceTarget, Snapshot, Workload, authorize
+
+log = logging.getLogger(__name__)
+
+CLUSTER_DOMAIN = "cluster.local"
+"""DNS domain of service host names in metrics (`name.namespace.svc.cluster.local`)."""
+
+
+class ResponseFlag(enum.StrEnum):
+    """Envoy-style response flags of connections that failed to open (label `response_flags`)."""
+
+    DENIED = "UAEX"
+    """Refused by authorization: an AuthorizationPolicy, or STRICT mutual TLS for plaintext."""
+
+    NO_HEALTHY_UPSTREAM = "UH"
+    """No workload to deliver to: no ready endpoint, or not a local enrolled workload."""
+
+    UPSTREAM_FAILURE = "UF"
+    """The upstream or tunnel could not be established (refused, unreachable, TLS, no certificate)."""
+
+    NO_ROUTE = "NR"
+    """The connection matches nothing that leads anywhere (its source is not a known pod)."""
+
+    DOWNSTREAM_PROTOCOL_ERROR = "DPE"
+    """The client sent a malformed tunnel request."""
+
+    DOWNSTREAM_TERMINATED = "DC"
+    """The client went away while its connection was being set up."""
+
+
+def peer_labels(workload: Workload | None, principal: str = "") -> PeerLabels:
+    """What the metrics know of one side: the workload's names and labels, and its identity if any."""
+    if workload is None:
+        return PeerLabels(principal=principal)
+    labels = workload.labels
+    return PeerLabels(
+        workload=workload.name,
+        namespace=workload.namespace,
+        principal=principal,
+        app=labels.get("app") or labels.get("app.kubernetes.io/name", ""),
+        version=labels.get("version") or labels.get("app.kubernetes.io/version", ""),
+        canonical_service=labels.get("service.istio.io/canonical-name", ""),
+        canonical_revision=labels.get("service.istio.io/canonical-revision", ""),
+    )
+
+
+def service_labels(target: ServiceTarget | None) -> ServiceLabels:
+    """The addressed service's labels, empty when a pod was addressed directly."""
+    if target is None:
+        return ServiceLabels()
+    service = target.service
+    return ServiceLabels(
+        host=f"{service.name}.{service.namespace}.svc.{CLUSTER_DOMAIN}",
+        name=service.name,
+        namespace=service.namespace,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One side's report of a connection."""
+
+    direction: Direction
+    labels: TcpLabels
+    source_address: str
+    """The client's `ip:port`."""
+    destination_address: str
+    """The `ip:port` the client asked for."""
+
+
+@dataclass(frozen=True, slots=True)
+class InboundAuthorization:
+    """What an inbound connection was authorized as, to re-check against later snapshots."""
+
+    destination: Workload
+    connection: InboundConnection
+
+
+@dataclass(eq=False)
+class Session:
+    """One live relayed connection."""
+
+    legs: Sequence[Leg]
+    tracked: Sequence[TrackedConnection]
+    authorization: InboundAuthorization | None
+    relay: Relay | None = None
+
+
+class Sessions:
+    """The live sessions of one data plane."""
+
+    def __init__(self, metrics: AgentMetrics, access_log: AccessLog) -> None:
+        self._metrics = metrics
+        self._access_log = access_log
+        self._live: set[Session] = set()
+        self._idle: asyncio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def begin(self, legs: Sequence[Leg], authorization: InboundAuthorization | None = None) -> Relay:
+        """Counts a connection as opened and returns the relay to join its two ends with."""
+        tracked = [self._metrics.tcp.opened(leg.labels) for leg in legs]
+        session = Session(legs, tracked, authorization)
+        relay = Relay(lambda outcome: self._finished(session, outcome), *tracked)
+        session.relay = relay
+        self._live.add(session)
+        return relay
+
+    def refused(self, legs: Sequence[Leg], flag: ResponseFlag, error: str, accepted_at: float) -> None:
+        """Counts a connection that could not be opened, and logs why."""
+        duration = max(0.0, time.monotonic() - accepted_at)
+        for leg in legs:
+            labels = dataclasses.replace(leg.labels, response_flags=flag.value)
+            self._metrics.tcp.failed(labels)
+            self._access_log.write(
+                AccessRecord(
+                    direction=leg.direction,
+                    source_address=leg.source_address,
+                    destination_address=leg.destination_address,
+                    source=labels.source,
+                    destination=labels.destination,
+                    bytes_sent=0,
+                    bytes_received=0,
+                    duration_s=duration,
+                    error=error,
+                )
+            )
+
+    def recheck(self, snapshot: Snapshot) -> int:
+        """Closes the inbound sessions that `snapshot`'s policies deny; returns how many."""
+        closed = 0
+        for session in list(self._live):
+            authorization = session.authorization
+            if authorization is None or session.relay is None:
+                continue
+            destination = (
+                snapshot.workload(authorization.connection.destination_ip) or authorization.destination
+            )
+            decision = authorize(snapshot, destination, authorization.connection)
+            if isinstance(decision, Deny):
+                session.relay.fail(f"closed by a policy update: {decision}")
+                closed += 1
+        return closed
+
+    def fail_all(self, reason: str) -> None:
+        """Aborts every live session (both ends reset)."""
+        for session in list(self._live):
+            if session.relay is not None:
+                session.relay.fail(reason)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Waits up to `timeout_s` for every session to end; True if none is left."""
+        if not self._live:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return not self._live
+        finally:
+            self._idle = None
+        return True
+
+    def _finished(self, session: Session, outcome: RelayOutcome) -> None:
+        self._live.discard(session)
+        for leg, tracked in zip(session.legs, session.tracked, strict=True):
+            self._metrics.tcp.closed(tracked)
+            self._access_log.write(
+                AccessRecord.of(
+                    tracked, leg.direction, leg.source_address, leg.destination_address, error=outcome.error
+                )
+            )
+        if not self._live and self._idle is not None:
+            self._idle.set()
