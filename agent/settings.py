@@ -76,6 +76,16 @@ class RedirectSettings:
     rule_priority: int = 32000
     """Priority of the agent's `ip rule`; below `main` (32766) so captured packets are local."""
 
+    drift_check_interval: float = 5.0
+    """Seconds between full comparisons of the installed table, rules, routes and sysctls with the
+    desired state; whatever was deleted or changed behind the agent's back is restored within this."""
+
+    retry_initial_delay: float = 0.5
+    """Seconds before the first retry of a failed reconcile; each further failure doubles the delay."""
+
+    retry_max_delay: float = 30.0
+    """Upper bound of the retry delay, so a node whose kernel state keeps failing is retried steadily."""
+
     def __post_init__(self) -> None:
         if not self.table_name.replace("_", "").isalnum() or not self.table_name[:1].isalpha():
             raise SettingsError(
@@ -100,6 +110,15 @@ class RedirectSettings:
             )
         if not 1 <= self.rule_priority < 32766:
             raise SettingsError(f"redirect.rule_priority: must be 1-32765, got {self.rule_priority}")
+        for name in ("drift_check_interval", "retry_initial_delay", "retry_max_delay"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise SettingsError(f"redirect.{name}: must be a positive number of seconds, got {value}")
+        if self.retry_initial_delay > self.retry_max_delay:
+            raise SettingsError(
+                f"redirect.retry_initial_delay: {self.retry_initial_delay} exceeds retry_max_delay"
+                f" {self.retry_max_delay}"
+            )
 
 
 @dataclass(frozen=True)
@@ -136,6 +155,17 @@ def int_from_env(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name}: not an integer: {raw!r}") from None
 
 
+def float_from_env(env: Mapping[str, str], name: str, default: float) -> float:
+    """Reads a number setting (e.g. seconds) from `env`, naming the variable on error."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: not a number: {raw!r}") from None
+
+
 def redirect_settings_from_env(env: Mapping[str, str] | None = None) -> RedirectSettings:
     """Builds `RedirectSettings` from `AMBIENT_*` environment variables over the defaults."""
     env = os.environ if env is None else env
@@ -147,4 +177,7 @@ def redirect_settings_from_env(env: Mapping[str, str] | None = None) -> Redirect
         upstream_mark=int_from_env(env, "AMBIENT_UPSTREAM_MARK", d.upstream_mark),
         route_table=int_from_env(env, "AMBIENT_ROUTE_TABLE", d.route_table),
         rule_priority=int_from_env(env, "AMBIENT_RULE_PRIORITY", d.rule_priority),
+        drift_check_interval=float_from_env(env, "AMBIENT_DRIFT_CHECK_INTERVAL", d.drift_check_interval),
+        retry_initial_delay=float_from_env(env, "AMBIENT_RETRY_INITIAL_DELAY", d.retry_initial_delay),
+        retry_max_delay=float_from_env(env, "AMBIENT_RETRY_MAX_DELAY", d.retry_max_delay),
     )

@@ -2,5 +2,6 @@
 
 `spiffe` (IDs), `csr` (keys, requests, the CA's request checks), `ca` (root and leaf signing),
 `certificates` (trust bundles, workload certificates), `rotation` (renewal timing), `tls` (mutual TLS
-contexts, peer verification), `testing` (a throwaway CA for tests and demos).
+contexts, peer verification), `manager` (the node's certificates: request, renew, drop), `testing` (a
+throwaway CA for tests and demos).
 """

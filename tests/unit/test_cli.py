@@ -1,10 +1,10 @@
-"""The command line lists its subcommands and refuses, loudly, the ones not built yet."""
+"""The command line lists its subcommands, binds each to its runner, and refuses invalid settings."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.cli import NOT_BUILT_EXIT, build_parser, main
+from agent.cli import SETTINGS_EXIT, build_parser, main
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,6 +28,6 @@ def test_every_subcommand_is_bound_to_a_runner() -> None:
         assert callable(parser.parse_args([command]).run)
 
 
-def test_unbuilt_subcommand_says_so_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ca"]) == NOT_BUILT_EXIT
-    assert "not built yet" in capsys.readouterr().err
+def test_ca_refuses_an_invalid_setting_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ca", "--leaf-lifetime", "forever"]) == SETTINGS_EXIT
+    assert "leaf_lifetime: not a duration" in capsys.readouterr().err

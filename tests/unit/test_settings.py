@@ -42,6 +42,11 @@ def test_bad_ports_are_named(kwargs: dict[str, int], named: str) -> None:
         ({"upstream_mark": 0x111}, "redirect.upstream_mark"),
         ({"route_table": 254}, "redirect.route_table"),
         ({"rule_priority": 32766}, "redirect.rule_priority"),
+        ({"drift_check_interval": 0.0}, "redirect.drift_check_interval"),
+        ({"drift_check_interval": float("nan")}, "redirect.drift_check_interval"),
+        ({"retry_initial_delay": -1.0}, "redirect.retry_initial_delay"),
+        ({"retry_max_delay": float("inf")}, "redirect.retry_max_delay"),
+        ({"retry_initial_delay": 5.0, "retry_max_delay": 1.0}, "redirect.retry_initial_delay"),
     ],
 )
 def test_bad_redirect_settings_are_named(kwargs: dict[str, object], named: str) -> None:
@@ -54,6 +59,26 @@ def test_redirect_settings_from_env_reads_hex_and_decimal() -> None:
     assert settings.capture_mark == 0x222
     assert settings.route_table == 101
     assert settings.table_name == RedirectSettings().table_name
+
+
+def test_redirect_settings_from_env_reads_seconds() -> None:
+    settings = redirect_settings_from_env(
+        {
+            "AMBIENT_DRIFT_CHECK_INTERVAL": "1.5",
+            "AMBIENT_RETRY_INITIAL_DELAY": "0.1",
+            "AMBIENT_RETRY_MAX_DELAY": "2",
+        }
+    )
+    assert (settings.drift_check_interval, settings.retry_initial_delay, settings.retry_max_delay) == (
+        1.5,
+        0.1,
+        2.0,
+    )
+
+
+def test_redirect_settings_from_env_names_bad_number() -> None:
+    with pytest.raises(SettingsError, match="AMBIENT_DRIFT_CHECK_INTERVAL"):
+        redirect_settings_from_env({"AMBIENT_DRIFT_CHECK_INTERVAL": "soon"})
 
 
 def test_redirect_settings_from_env_names_bad_integer() -> None:
