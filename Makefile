@@ -10,13 +10,13 @@ VPY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed-stamp
 APT_STAMP := $(VENV)/.apt-stamp
-APT_PACKAGES := nftables iproute2 etcd-server openssl procps
+APT_PACKAGES := nftables iproute2 etcd-server openssl procps haproxy
 CLUSTER_DIR ?= /run/ambient-agent/cluster
 
-.PHONY: help setup apt control-plane unit e2e test lint bench cluster-up cluster-down clean
+.PHONY: help setup apt control-plane unit e2e test lint bench cluster-up cluster-down demo clean image manifests e2e-kind
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +57,27 @@ lint: setup ## ruff, mypy --strict on agent/, import-linter layering contracts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+bench: control-plane ## run every benchmarks/bench_*.py (root); each prints a table to record in docs/benchmarks.md
+	@for script in benchmarks/bench_*.py; do \
+	  module=benchmarks.$$(basename "$$script" .py); \
+	  echo "== $$module"; \
+	  $(VPY) -m "$$module"; \
+	done
+
+image: ## build the container image (local debootstrap base, buildah), run --help and unit tests in it (root)
+	scripts/build-image.sh
+
+manifests: setup ## regenerate manifests/ambient-agent.yaml from the Helm chart (Helm's engine, no helm binary)
+	$(VPY) scripts/render-manifests.py
+
+e2e-kind: setup ## the e2e scenarios on a kind cluster from the Helm chart (skips without docker/kind/helm)
+	tests/e2e/kind/run.sh
+
 cluster-up: control-plane ## start a local two-node cluster (namespaces, real API server) and keep it
 	$(VPY) -m tests.e2e.cluster up --state-dir $(CLUSTER_DIR)
+
+demo: control-plane ## local cluster + CA + node agents; enrol a demo namespace, show the tunnel and a DENY policy (root; left running)
+	$(VPY) -m tests.e2e.demo --state-dir $(CLUSTER_DIR)
 
 cluster-down: setup ## stop the local cluster and remove everything it created
 	$(VPY) -m tests.e2e.cluster down --state-dir $(CLUSTER_DIR)
