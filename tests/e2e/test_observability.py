@@ -1,0 +1,252 @@
+"""Metrics, access log, admin and readiness of real agents after real traffic (issue 7).
+
+Two nodes each run `ambient-agent node` (static configuration, JSON logs). An enrolled client on
+node-1 sends a known number of bytes through the tunnel to an enrolled echo server on node-2; both
+agents must then report that connection with Istio's labels and the exact byte counts, each from its
+own side, and write a matching access-log line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.identity.testing import EphemeralCa
+from tests.e2e.cluster import Cluster, PodHandle
+from tests.e2e.mesh import (
+    ADMIN_PORT,
+    METRICS_PORT,
+    READINESS_PORT,
+    Agent,
+    MeshWorkload,
+    http_get,
+    remove_capture,
+    sockets_in,
+    spiffe_id,
+    start_agent,
+    write_static_config,
+)
+
+NAMESPACE = "observed"
+ECHO_PORT = 8080
+DENIED_PORT = 9090
+SENT = 300_000
+AGENT_ENV = {"AMBIENT_LOG_FORMAT": "json", "AMBIENT_DRAIN_DEADLINE": "20"}
+
+
+@dataclass
+class Observed:
+    cluster: Cluster
+    client: PodHandle
+    server: PodHandle
+    agents: dict[str, Agent]
+
+
+@pytest.fixture(scope="module")
+def observed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
+    node1, node2 = cluster.nodes[:2]
+    client = cluster.create_pod(
+        "client",
+        NAMESPACE,
+        node1,
+        command=["sleep", "infinity"],
+        labels={"app": "client"},
+        service_account="client",
+    )
+    server = cluster.create_pod(
+        "server",
+        NAMESPACE,
+        node2,
+        command=["python", "-m", "agent.testing.echo", "--port", str(ECHO_PORT)],
+        labels={"app": "server"},
+        service_account="server",
+    )
+    ca = EphemeralCa.create()
+    workloads = [MeshWorkload(client, "client", True), MeshWorkload(server, "server", True)]
+    deny_port = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-9090", "namespace": NAMESPACE},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": [str(DENIED_PORT)]}}]}]},
+    }
+    directory = tmp_path_factory.mktemp("observability")
+    agents: dict[str, Agent] = {}
+    try:
+        for node, pod in ((node1, client), (node2, server)):
+            config = write_static_config(
+                directory / node.name,
+                node=node,
+                bundle=ca.bundle,
+                certificates=[ca.issue(spiffe_id(NAMESPACE, pod.name))],
+                workloads=workloads,
+                policies=[deny_port],
+            )
+            agents[node.name] = start_agent(cluster, node, config, env=AGENT_ENV)
+        for agent in agents.values():
+            agent.wait_ready()
+        yield Observed(cluster, client, server, agents)
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        for node in (node1, node2):
+            remove_capture(cluster, node)
+        for pod in (client, server):
+            cluster.delete_pod(pod)
+
+
+def samples(agent: Agent, name: str) -> list[tuple[dict[str, str], float]]:
+    status, body = http_get(agent.node.netns, agent.node.ip, METRICS_PORT, "/metrics")
+    assert status == 200
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def between(found: list[tuple[dict[str, str], float]], **labels: str) -> float:
+    return sum(value for sample_labels, value in found if labels.items() <= sample_labels.items())
+
+
+def access_lines(agent: Agent) -> list[dict[str, object]]:
+    lines = []
+    for line in agent.log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("message") == "connection complete":
+            lines.append(record)
+    return lines
+
+
+def test_both_reporters_count_the_transfer_with_istio_labels(observed: Observed) -> None:
+    result = observed.cluster.run_in(
+        observed.client.netns,
+        ["python", "-m", "agent.testing.client", observed.server.ip, str(ECHO_PORT), "--bytes", str(SENT)],
+        timeout=60,
+    )
+    peer_line = result.stdout.splitlines()[0]
+    received = SENT + len(peer_line) + 1  # the echo's greeting line, then the echoed bytes
+    node1, node2 = (observed.agents[node.name] for node in observed.cluster.nodes[:2])
+    expected = {
+        "source_workload": "client",
+        "source_workload_namespace": NAMESPACE,
+        "source_principal": spiffe_id(NAMESPACE, "client"),
+        "destination_workload": "server",
+        "destination_workload_namespace": NAMESPACE,
+        "destination_principal": spiffe_id(NAMESPACE, "server"),
+        "request_protocol": "tcp",
+        "connection_security_policy": "mutual_tls",
+    }
+    for agent, reporter in ((node1, "source"), (node2, "destination")):
+        deadline = time.monotonic() + 10
+        while (
+            between(samples(agent, "istio_tcp_connections_closed_total"), reporter=reporter, **expected) < 1
+        ):
+            assert time.monotonic() < deadline, f"{reporter} never reported the closed connection"
+            time.sleep(0.2)
+        assert between(samples(agent, "istio_tcp_sent_bytes_total"), reporter=reporter, **expected) == SENT
+        assert (
+            between(samples(agent, "istio_tcp_received_bytes_total"), reporter=reporter, **expected)
+            == received
+        )
+        assert (
+            between(samples(agent, "istio_tcp_connections_opened_total"), reporter=reporter, **expected) == 1
+        )
+        [line] = [
+            record
+            for record in access_lines(agent)
+            if record.get("bytes_sent") == SENT and record.get("src.identity") == expected["source_principal"]
+        ]
+        assert line["bytes_recv"] == received
+        assert line["dst.identity"] == expected["destination_principal"]
+        assert str(line["src.addr"]).startswith(observed.client.ip + ":")
+        assert line["direction"] == ("outbound" if reporter == "source" else "inbound")
+    assert samples(node1, "istio_build")
+
+
+def test_a_denied_connection_counts_with_its_response_flag(observed: Observed) -> None:
+    failed = observed.cluster.run_in(
+        observed.client.netns,
+        ["python", "-m", "agent.testing.client", observed.server.ip, str(DENIED_PORT), "--timeout", "10"],
+        timeout=30,
+        check=False,
+    )
+    assert failed.returncode != 0
+    destination = observed.agents[observed.server.node.name]
+    deadline = time.monotonic() + 10
+    while not between(
+        samples(destination, "istio_tcp_connections_failed_total"),
+        reporter="destination",
+        response_flags="UAEX",
+        destination_workload="server",
+    ):
+        assert time.monotonic() < deadline, "the denied connection was never counted"
+        time.sleep(0.2)
+    assert any(
+        "error" in record and record.get("dst.workload") == "server" for record in access_lines(destination)
+    )
+
+
+def test_admin_shows_the_snapshot_and_the_live_connection(observed: Observed) -> None:
+    node1 = observed.agents[observed.client.node.name]
+    (sock,) = sockets_in(observed.client.netns)
+    sock.settimeout(10)
+    try:
+        sock.connect((observed.server.ip, ECHO_PORT))
+        sock.sendall(b"x" * 1000)
+        assert sock.recv(100).startswith(b"peer ")
+        deadline = time.monotonic() + 10
+        while True:
+            status, body = http_get(node1.node.netns, "127.0.0.1", ADMIN_PORT, "/connections")
+            assert status == 200
+            live = [
+                row
+                for row in json.loads(body)["connections"]
+                if row["destination_workload"] == "server" and row["bytes_sent"] >= 1000
+            ]
+            if live:
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+        assert live[0]["source_principal"] == spiffe_id(NAMESPACE, "client")
+        assert live[0]["security_policy"] == "mutual_tls"
+    finally:
+        sock.close()
+    status, body = http_get(node1.node.netns, "127.0.0.1", ADMIN_PORT, "/config_dump")
+    assert status == 200
+    assert observed.server.ip in body
+    assert isinstance(json.loads(body), dict)
+
+
+def test_readiness_turns_not_ready_while_draining(observed: Observed) -> None:
+    """Runs last in this module: it stops node-2's agent (the fixture's teardown tolerates that)."""
+    node2 = observed.agents[observed.server.node.name]
+    assert http_get(node2.node.netns, node2.node.ip, READINESS_PORT, "/healthz/ready")[0] == 200
+    (sock,) = sockets_in(observed.client.netns)
+    sock.settimeout(10)
+    try:
+        sock.connect((observed.server.ip, ECHO_PORT))
+        assert sock.recv(100).startswith(b"peer ")  # an open tunnel keeps the drain going
+        node2.process.send_signal(15)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                status, body = http_get(node2.node.netns, node2.node.ip, READINESS_PORT, "/healthz/ready")
+            except OSError:
+                status, body = 0, ""
+            if status == 503:
+                assert "draining" in body
+                break
+            assert time.monotonic() < deadline, f"readiness stayed {status} after SIGTERM"
+            time.sleep(0.05)
+    finally:
+        sock.close()
+    assert node2.process.wait(30) == 0
