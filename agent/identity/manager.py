@@ -105,6 +105,10 @@ ExpiryObserver = Callable[[SpiffeId, datetime | None], None]
 """Told the expiry of the certificate now in use for an identity, or None once it is dropped
 (e.g. to set `AgentMetrics.certificate_expiry`)."""
 
+FailureObserver = Callable[[SpiffeId, str], None]
+"""Told each failed attempt to obtain a certificate for an identity, and why (e.g. to count it in
+`AgentMetrics.reconcile_errors`)."""
+
 
 # What the data plane gets when there is no certificate to use.
 
@@ -187,12 +191,14 @@ class CertificateManager:
         backoff: Backoff | None = None,
         clock: Clock | None = None,
         on_expiry: ExpiryObserver | None = None,
+        on_failure: FailureObserver | None = None,
     ) -> None:
         self._issuer = issuer
         self._issue_timeout = issue_timeout
         self._backoff = backoff or Backoff(base_s=1.0, cap_s=300.0)
         self._clock = clock or SystemClock()
         self._on_expiry = on_expiry
+        self._on_failure = on_failure
         self._identities: dict[SpiffeId, _Identity] = {}
         # Cancelled renewals of dropped identities, kept until they finish cleaning up (their CSRs).
         self._dropping: set[asyncio.Task[None]] = set()
@@ -333,6 +339,8 @@ class CertificateManager:
             state.failures += 1
             state.last_error = outcome
             state.announce()
+            if self._on_failure is not None:
+                self._on_failure(state.spiffe_id, outcome)
             log.warning(
                 "certificate for %s not obtained (attempt %d): %s; retrying in %.1fs",
                 state.spiffe_id,

@@ -1,5 +1,9 @@
 """`ambient-agent node`: settings and configuration are read and checked, then the node process runs.
 
+With a static configuration file (`--config` or `AMBIENT_CONFIG`) the node runs on it alone
+(`agent.node.process`); without one it runs in Kubernetes mode (`agent.node.kube`), with API access
+from `--kubeconfig`, `$KUBECONFIG` or the pod's service-account mount.
+
 Anything wrong in the flags, the environment or the configuration files stops the start with one
 line naming the setting or the file and field, and exit status 2. The process runs on uvloop when it
 is installed (the `speed` extra), on asyncio's own loop otherwise or when `AMBIENT_EVENT_LOOP=asyncio`.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,8 +22,8 @@ from datetime import UTC, datetime
 from agent.node.config import StaticConfigError, load_static_config
 from agent.node.logs import configure_logging
 from agent.node.process import NodeProcess
-from agent.node.settings import EventLoop, NodeProcessSettings, early_settings, node_process_settings
-from agent.settings import SettingsError
+from agent.node.settings import EventLoop, early_settings, node_process_settings
+from agent.settings import PortSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,8 @@ CONFIGURATION_ERROR_EXIT = 2
 
 def run_node(args: argparse.Namespace) -> int:
     """Runs the node agent until SIGTERM/SIGINT or `/quitquitquit`; its exit status."""
+    if not (args.config or os.environ.get("AMBIENT_CONFIG")):
+        return _run_kubernetes_node(args)
     try:
         log_settings, static_config, ports = early_settings(args)
     except SettingsError as error:
@@ -57,7 +64,7 @@ def run_node(args: argparse.Namespace) -> int:
     log.info(
         "ambient-agent node %s starting: %s; loop %s",
         settings.node.node_name,
-        _describe(settings),
+        _describe(settings.node.ports),
         "asyncio" if loop_factory is None else "uvloop",
     )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
@@ -76,8 +83,39 @@ def _loop_factory(choice: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] 
     return loop_factory
 
 
-def _describe(settings: NodeProcessSettings) -> str:
-    ports = settings.node.ports
+def _run_kubernetes_node(args: argparse.Namespace) -> int:
+    # Imported here: static mode runs without kopf and the Kubernetes clients.
+    from agent.node.kube import KubernetesNodeProcess, kubernetes_node_settings
+    from agent.operator.kubeapi import ApiAccessError, load_api_access
+
+    try:
+        settings = kubernetes_node_settings(args)
+    except SettingsError as error:
+        print(f"ambient-agent node: {error}", file=sys.stderr)
+        return CONFIGURATION_ERROR_EXIT
+    configure_logging(settings.log.level, settings.log.format)
+    try:
+        access = load_api_access(settings.kubernetes.kubeconfig)
+    except ApiAccessError as error:
+        log.error("not started: %s", error)
+        return CONFIGURATION_ERROR_EXIT
+
+    async def node() -> int:
+        return await KubernetesNodeProcess(settings, access).run()
+
+    loop_factory = _loop_factory(settings.event_loop)
+    log.info(
+        "ambient-agent node %s starting in Kubernetes mode (API server %s): %s; loop %s",
+        settings.node.node_name,
+        access.server,
+        _describe(settings.node.ports),
+        "asyncio" if loop_factory is None else "uvloop",
+    )
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(node())
+
+
+def _describe(ports: PortSettings) -> str:
     return (
         f"outbound :{ports.outbound}, inbound plaintext :{ports.inbound_plaintext},"
         f" HBONE :{ports.inbound_hbone}, metrics :{ports.metrics}, readiness :{ports.readiness},"

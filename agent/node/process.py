@@ -30,9 +30,17 @@ from aiohttp import web
 from agent.node.config import StaticConfig, StaticConfigError, load_static_config
 from agent.node.credentials import StaticCredentials
 from agent.node.settings import NodeProcessSettings
+from agent.node.shared import (
+    LISTENERS_BOUND,
+    RULES_INSTALLED,
+    await_rules,
+    enrolled_here,
+    redirect_dump,
+    start_endpoints,
+)
 from agent.observability.accesslog import AccessLog
 from agent.observability.metrics import AgentMetrics
-from agent.observability.servers import AdminProviders, Readiness, admin_app, metrics_app, readiness_app
+from agent.observability.servers import AdminProviders, Readiness
 from agent.proxy.dataplane import DataPlane
 from agent.redirect.command import node_reconciler
 from agent.redirect.reconciler import ReconcileLoop
@@ -40,27 +48,14 @@ from agent.redirect.ruleset import PodIp
 
 log = logging.getLogger(__name__)
 
-RULES_INSTALLED = "rules-installed"
-"""Readiness condition: the capture rules match the enrolled local pods."""
-
-LISTENERS_BOUND = "listeners-bound"
-"""Readiness condition: the data plane accepts on all its ports."""
-
-_SYNC_CHECK_INTERVAL_S = 0.05
-"""How often start-up checks whether the redirect loop has installed the rules."""
-
 FileState = tuple[int, int, int] | None
 """(inode, size, modification time in ns) of a file, or None when it cannot be read."""
 
 
 def local_pod_ips(config: StaticConfig, node_name: str) -> frozenset[PodIp]:
     """Every address of the enrolled workloads on `node_name`: what capture must cover."""
-    return frozenset(
-        ip
-        for workload in config.snapshot.workloads_on_node(node_name)
-        if workload.enrolled
-        for ip in workload.ips
-    )
+    addresses, _ = enrolled_here(config.snapshot, node_name)
+    return addresses
 
 
 def files_state(paths: Iterable[Path]) -> dict[Path, FileState]:
@@ -111,7 +106,14 @@ class NodeProcess:
         tasks: list[asyncio.Task[None]] = []
         try:
             try:
-                await self._start_servers(runners)
+                await start_endpoints(
+                    self._settings.node.ports,
+                    listen_ipv6=self._settings.dataplane.listen_ipv6,
+                    metrics=self.metrics,
+                    readiness=self.readiness,
+                    admin=AdminProviders(self.config_dump, self._request_drain),
+                    runners=runners,
+                )
                 await self._dataplane.start()
             except OSError as error:  # a port in use, or no CAP_NET_ADMIN for the listeners
                 log.error("cannot start: %s", error)
@@ -122,7 +124,10 @@ class NodeProcess:
                 asyncio.create_task(self._redirect.run(), name="redirect-reconcile"),
                 asyncio.create_task(self._watch_config(), name="static-config-watch"),
             ]
-            tasks = [*long_running, asyncio.create_task(self._await_rules(), name="readiness-rules")]
+            tasks = [
+                *long_running,
+                asyncio.create_task(await_rules(self._redirect, self.readiness), name="readiness-rules"),
+            ]
             stopping = asyncio.create_task(self._stop.wait(), name="stop-signal")
             done, _ = await asyncio.wait({stopping, *long_running}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
@@ -149,50 +154,17 @@ class NodeProcess:
 
     def config_dump(self) -> dict[str, object]:
         """The admin `/config_dump`: the data plane's dump plus where its inputs came from."""
-        redirect = self._redirect.status
         return {
             **self._dataplane.config_dump(),
             "source": {
                 "static_config": str(self._config.path),
                 "files": [str(p) for p in self._config.files],
             },
-            "redirect": {
-                "synced_pods": None
-                if redirect.synced_pods is None
-                else sorted(str(ip) for ip in redirect.synced_pods),
-                "consecutive_failures": redirect.consecutive_failures,
-                "last_error": redirect.last_error,
-            },
+            "redirect": redirect_dump(self._redirect.status),
         }
 
     async def _request_drain(self) -> None:
         self._stop.set()
-
-    async def _start_servers(self, runners: list[web.AppRunner]) -> None:
-        """Serves metrics, readiness and admin; each runner is added to `runners` once set up."""
-        ports = self._settings.node.ports
-        any_address = ["0.0.0.0", "::"] if self._settings.dataplane.listen_ipv6 else ["0.0.0.0"]
-        for app, hosts, port in (
-            (metrics_app(self.metrics), any_address, ports.metrics),
-            (readiness_app(self.readiness), any_address, ports.readiness),
-            (
-                admin_app(self.metrics, AdminProviders(self.config_dump, self._request_drain)),
-                ["127.0.0.1"],
-                ports.admin,
-            ),
-        ):
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            runners.append(runner)
-            for host in hosts:
-                # SO_REUSEPORT: a restarting agent binds while the old one still serves.
-                await web.TCPSite(runner, host, port, reuse_port=True).start()
-
-    async def _await_rules(self) -> None:
-        while self._redirect.status.synced_pods is None:
-            await asyncio.sleep(_SYNC_CHECK_INTERVAL_S)
-        self.readiness.satisfy(RULES_INSTALLED)
-        log.info("capture rules installed for %d local pod addresses", len(self._redirect.status.synced_pods))
 
     async def _watch_config(self) -> None:
         interval = self._settings.static_config.poll_interval_s

@@ -132,7 +132,13 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help="the static configuration file (env AMBIENT_CONFIG); see docs/static-config.md",
+        help="the static configuration file (env AMBIENT_CONFIG); see docs/static-config.md."
+        " Without one the agent runs in Kubernetes mode",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="Kubernetes mode: the kubeconfig (default: $KUBECONFIG, else the pod's service account)",
     )
     parser.add_argument(
         "--node-name",

@@ -28,6 +28,7 @@ from agent.operator.ca_decision import SIGNER_NAME
 from agent.operator.ca_settings import CaSettings
 from agent.operator.ca_signer import CsrSigner
 from agent.operator.ca_store import CaStoreError, load_or_create_root, publish_bundle, published_bundle
+from agent.operator.kopf_login import register_login
 from agent.operator.kubeapi import ApiAccess, ApiAccessError, load_api_access
 from agent.operator.rest import ApiClient, ApiUnreachable
 from agent.retry import Backoff
@@ -77,18 +78,7 @@ async def _keep_bundle_published(api: ApiClient, bundle: TrustBundle, settings: 
 
 def _registry(signer: CsrSigner, access: ApiAccess) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        # Called again on a 401, so a rotated token file is picked up.
-        bearer = access.auth_headers().get("Authorization", "").removeprefix("Bearer ")
-        return kopf.ConnectionInfo(
-            server=access.server,
-            ca_path=access.ca_file,
-            token=bearer or None,
-            certificate_path=access.cert_file,
-            private_key_path=access.key_file,
-        )
+    register_login(registry, access)
 
     @kopf.on.event(
         "certificates.k8s.io",

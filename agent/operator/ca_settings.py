@@ -30,7 +30,8 @@ def parse_duration(name: str, text: str) -> timedelta:
     return timedelta(seconds=float(match["number"]) * _UNIT_SECONDS[match["unit"]])
 
 
-def _object_name(name: str, value: str) -> str:
+def object_name(name: str, value: str) -> str:
+    """`value` when it is a valid Kubernetes object name (a DNS label); else `SettingsError` naming `name`."""
     if not _DNS_LABEL.fullmatch(value):
         raise SettingsError(f"{name}: not a valid Kubernetes name: {value!r}")
     return value
@@ -66,10 +67,10 @@ class CaSettings:
     """This replica's name in Events (`reportingInstance`): the pod name (`POD_NAME`), else the host name."""
 
     def __post_init__(self) -> None:
-        _object_name("namespace", self.namespace)
-        _object_name("secret_name", self.secret_name)
-        _object_name("bundle_configmap", self.bundle_configmap)
-        _object_name("event_namespace", self.event_namespace)
+        object_name("namespace", self.namespace)
+        object_name("secret_name", self.secret_name)
+        object_name("bundle_configmap", self.bundle_configmap)
+        object_name("event_namespace", self.event_namespace)
         if not 0 < self.bundle_check_interval < float("inf"):
             raise SettingsError(
                 "bundle_check_interval: must be a positive number of seconds,"
@@ -91,7 +92,7 @@ def ca_settings_from(
 ) -> CaSettings:
     """Builds `CaSettings` from flags (None: not given), then environment variables, then defaults."""
     env = os.environ if env is None else env
-    namespace = _object_name("namespace", namespace or env.get("POD_NAMESPACE") or "ambient-system")
+    namespace = object_name("namespace", namespace or env.get("POD_NAMESPACE") or "ambient-system")
     account = (
         agent_service_account or env.get("AMBIENT_AGENT_SERVICE_ACCOUNT") or f"{namespace}/ambient-agent"
     )
@@ -101,7 +102,7 @@ def ca_settings_from(
     leaf = leaf_lifetime or env.get("AMBIENT_LEAF_LIFETIME") or "24h"
     signing = SigningPolicy(
         trust_domain=trust_domain or env.get("AMBIENT_TRUST_DOMAIN") or DEFAULT_TRUST_DOMAIN,
-        agent_namespace=_object_name("agent_service_account", agent_namespace),
+        agent_namespace=object_name("agent_service_account", agent_namespace),
         agent_service_account=agent_name,
         leaf_lifetime=parse_duration("leaf_lifetime", leaf),
         # Unset, the cap is the default lifetime: requests may shorten their certificates, not extend them.

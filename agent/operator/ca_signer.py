@@ -33,6 +33,7 @@ from agent.operator.ca_decision import (
     requested_identity,
     requesting_pod_name,
 )
+from agent.operator.events import event_object, involved_object
 from agent.operator.rest import ApiClient, ApiResponse, ApiUnreachable
 
 log = logging.getLogger(__name__)
@@ -79,29 +80,17 @@ def csr_event(
     csr: JsonObject, decision: Decision, *, namespace: str, instance: str, now: datetime
 ) -> JsonObject:
     """The Event recording `decision` on `csr`."""
-    metadata = csr.get("metadata") or {}
     approved = isinstance(decision, Approve)
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"generateName": f"{metadata.get('name', 'csr')}.", "namespace": namespace},
-        "involvedObject": {
-            "apiVersion": "certificates.k8s.io/v1",
-            "kind": "CertificateSigningRequest",
-            "name": metadata.get("name"),
-            "uid": metadata.get("uid"),
-        },
-        "type": "Normal" if approved else "Warning",
-        "reason": "Issued" if approved else "Denied",
-        "message": decision.message if isinstance(decision, Approve) else decision.reason,
-        "source": {"component": COMPONENT, "host": instance},
-        "reportingComponent": COMPONENT,
-        "reportingInstance": instance,
-        "firstTimestamp": stamp,
-        "lastTimestamp": stamp,
-        "count": 1,
-    }
+    return event_object(
+        involved_object(csr, api_version="certificates.k8s.io/v1", kind="CertificateSigningRequest"),
+        namespace=namespace,
+        event_type="Normal" if approved else "Warning",
+        reason="Issued" if approved else "Denied",
+        message=decision.message if isinstance(decision, Approve) else decision.reason,
+        component=COMPONENT,
+        instance=instance,
+        now=now,
+    )
 
 
 class CsrSigner:

@@ -139,6 +139,10 @@ class ClusterIndex:
             mesh=self.mesh,
         )
 
+    def namespace_labels(self, namespace: str) -> Mapping[str, str]:
+        """The labels of `namespace` as indexed (empty when unknown): what its pods' enrolment reads."""
+        return self._namespace_labels.get(namespace, {})
+
     def _apply_pods(self, change: WatchChange) -> None:
         match change:
             case Replaced(objects=objects):

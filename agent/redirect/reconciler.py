@@ -181,8 +181,10 @@ class ReconcileLoop:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         backoff: Backoff | None = None,
+        on_failure: Callable[[RedirectError], None] | None = None,
     ) -> None:
         self._reconciler = reconciler
+        self._on_failure = on_failure
         self._settings = settings
         self._sleep = sleep
         self._backoff = backoff or Backoff(
@@ -233,6 +235,8 @@ class ReconcileLoop:
             worker.shutdown(wait=False)
 
     async def _after_failure(self, error: RedirectError) -> None:
+        if self._on_failure is not None:
+            self._on_failure(error)
         failures = self._status.consecutive_failures + 1
         self._status = RedirectStatus(self._status.synced_pods, failures, str(error))
         delay = self._backoff.delay(failures - 1)

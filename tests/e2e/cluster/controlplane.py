@@ -7,6 +7,7 @@ The flags are the ones FACTS.md records as working with this 1.20 build.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,3 +165,23 @@ def start(layout: Layout, pki: ClusterPki) -> None:
             "--v=1",
         ],
     )
+
+
+def stop_component(layout: Layout, binary: str) -> list[str]:
+    """Kills `binary` (one of `BINARIES`, e.g. an API server outage) in the control-plane namespace;
+    its command line, for `start_component`."""
+    for pid in netns.pids_in(layout.control_plane_netns):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].decode().endswith(f"/{binary}"):
+            netns.signal_all({pid}, signal.SIGKILL)
+            netns.wait_gone({pid}, 10.0)
+            return [arg.decode() for arg in argv if arg]
+    raise RuntimeError(f"{binary} is not running in {layout.control_plane_netns}")
+
+
+def start_component(layout: Layout, binary: str, argv: Sequence[str]) -> int:
+    """Starts `binary` again with the command line `stop_component` returned; its pid."""
+    return spawn_detached(layout, layout.control_plane_netns, binary, argv)

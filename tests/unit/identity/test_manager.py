@@ -9,108 +9,27 @@ clock is manual, so renewal timing is driven step by step instead of waited for.
 from __future__ import annotations
 
 import asyncio
-import bisect
-import itertools
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
-from agent.identity.ca import sign_leaf
-from agent.identity.certificates import TrustBundle, WorkloadCertificate, certificates_to_pem
-from agent.identity.csr import CsrAccepted, validate_csr
+from agent.identity.certificates import TrustBundle, WorkloadCertificate
 from agent.identity.manager import (
     BundleUnavailable,
     CertificateManager,
-    Issued,
-    IssueDenied,
-    IssueFailed,
-    IssueOutcome,
     NotHosted,
     NotReady,
 )
 from agent.identity.spiffe import SpiffeId
 from agent.identity.testing import EphemeralCa
 from agent.retry import Backoff
+from tests.unit.identity.issuing import LIFETIME, T0, InProcessIssuer, ManualClock, settle
 
-T0 = datetime(2030, 1, 1, tzinfo=UTC)
-LIFETIME = timedelta(hours=1)
 pytestmark = pytest.mark.timeout(30)
 
 CART = SpiffeId("cluster.local", "shop", "cart")
 DB = SpiffeId("cluster.local", "shop", "db")
-
-
-class ManualClock:
-    """Wall-clock time that moves only when the test says so; sleepers wake as it passes them."""
-
-    def __init__(self, start: datetime) -> None:
-        self._now = start
-        self._order = itertools.count()
-        self._sleepers: list[tuple[datetime, int, asyncio.Future[None]]] = []
-
-    def now(self) -> datetime:
-        return self._now
-
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        wake = asyncio.get_running_loop().create_future()
-        bisect.insort(self._sleepers, (self._now + timedelta(seconds=seconds), next(self._order), wake))
-        await wake
-
-    async def advance(self, delta: timedelta) -> None:
-        """Moves time forward, waking each sleeper in order and letting it run before the next."""
-        target = self._now + delta
-        while self._sleepers and self._sleepers[0][0] <= target:
-            due, _, wake = self._sleepers.pop(0)
-            self._now = max(self._now, due)
-            if not wake.done():
-                wake.set_result(None)
-            await settle()
-        self._now = target
-        await settle()
-
-
-async def settle() -> None:
-    """Lets every runnable task run until all wait again (the issuer answers without real I/O)."""
-    for _ in range(50):
-        await asyncio.sleep(0)
-
-
-class InProcessIssuer:
-    """A CA in this process: validates each request and signs it with `sign_leaf` at the clock's time."""
-
-    def __init__(self, ca: EphemeralCa, clock: ManualClock) -> None:
-        self.ca = ca
-        self.clock = clock
-        self.available = True
-        self.denied: dict[SpiffeId, str] = {}
-        self.requests: list[tuple[SpiffeId, datetime]] = []
-        self.impersonate: SpiffeId | None = None
-
-    async def issue(self, spiffe_id: SpiffeId, csr_pem: bytes, *, timeout: float) -> IssueOutcome:
-        self.requests.append((spiffe_id, self.clock.now()))
-        if not self.available:
-            return IssueFailed(f"the CA did not answer within {timeout:g}s")
-        if spiffe_id in self.denied:
-            return IssueDenied(self.denied[spiffe_id])
-        validation = validate_csr(csr_pem, "cluster.local")
-        assert isinstance(validation, CsrAccepted)
-        assert validation.spiffe_id == spiffe_id
-        leaf = sign_leaf(
-            self.ca.authority,
-            self.impersonate or spiffe_id,
-            validation.public_key,
-            now=self.clock.now(),
-            lifetime=LIFETIME,
-        )
-        return Issued(certificates_to_pem((leaf,)))
-
-    async def trust_bundles(self) -> AsyncIterator[TrustBundle]:
-        yield self.ca.bundle
-        await asyncio.Event().wait()
 
 
 @pytest.fixture
@@ -131,13 +50,27 @@ def expiries() -> ExpiryLog:
     return []
 
 
+FailureLog = list[tuple[SpiffeId, str]]
+
+
+@pytest.fixture
+def failures() -> FailureLog:
+    return []
+
+
 @pytest.fixture
 async def manager(
-    issuer: InProcessIssuer, clock: ManualClock, expiries: ExpiryLog
+    issuer: InProcessIssuer, clock: ManualClock, expiries: ExpiryLog, failures: FailureLog
 ) -> AsyncIterator[CertificateManager]:
     backoff = Backoff(base_s=1.0, cap_s=60.0, jitter=False)
     recorder: Callable[[SpiffeId, datetime | None], None] = lambda i, t: expiries.append((i, t))  # noqa: E731
-    async with CertificateManager(issuer, backoff=backoff, clock=clock, on_expiry=recorder) as running:
+    async with CertificateManager(
+        issuer,
+        backoff=backoff,
+        clock=clock,
+        on_expiry=recorder,
+        on_failure=lambda i, reason: failures.append((i, reason)),
+    ) as running:
         yield running
 
 
@@ -175,7 +108,7 @@ async def test_identity_not_hosted_is_refused_at_once(manager: CertificateManage
 
 
 async def test_denied_identity_fails_with_the_cas_reason(
-    manager: CertificateManager, issuer: InProcessIssuer
+    manager: CertificateManager, issuer: InProcessIssuer, failures: FailureLog
 ) -> None:
     issuer.denied[DB] = "no pod with service account shop/db is scheduled on node node-1"
     manager.set_wanted([DB])
@@ -185,6 +118,7 @@ async def test_denied_identity_fails_with_the_cas_reason(
     assert "no certificate for spiffe://cluster.local/ns/shop/sa/db has been issued yet" in result.reason
     assert "the CA denied the request: no pod with service account shop/db" in result.reason
     assert manager.status()[DB].failures == 1
+    assert failures == [(DB, f"the CA denied the request: {issuer.denied[DB]}")]
 
 
 async def test_renewal_happens_at_half_life_with_a_fresh_key(

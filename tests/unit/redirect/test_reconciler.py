@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.redirect.cleanup import remove_redirection
-from agent.redirect.errors import NftError, RoutingError
+from agent.redirect.errors import NftError, RedirectError, RoutingError
 from agent.redirect.reconciler import ReconcileLoop, RedirectReconciler
 from agent.redirect.ruleset import LocalRoute, NftCommand, PodIp, PolicyRule
 from agent.retry import Backoff
@@ -308,7 +308,10 @@ async def test_the_loop_retries_failures_with_exponential_backoff() -> None:
 
     settings = RedirectSettings(retry_initial_delay=0.25, retry_max_delay=0.75)
     backoff = Backoff(base_s=settings.retry_initial_delay, cap_s=settings.retry_max_delay, jitter=False)
-    loop = ReconcileLoop(node.reconciler(settings), settings, sleep=record, backoff=backoff)
+    observed: list[RedirectError] = []
+    loop = ReconcileLoop(
+        node.reconciler(settings), settings, sleep=record, backoff=backoff, on_failure=observed.append
+    )
     loop.enrol(pods("10.1.0.5"))
     task = asyncio.create_task(loop.run())
     try:
@@ -316,6 +319,7 @@ async def test_the_loop_retries_failures_with_exponential_backoff() -> None:
     finally:
         task.cancel()
     assert delays == [0.25, 0.5, 0.75]
+    assert [str(error) for error in observed] == ["add route: injected failure"] * 3
     assert loop.status.consecutive_failures == 0
     assert loop.status.last_error is None
     assert node.nftables.elements() == {"10.1.0.5"}

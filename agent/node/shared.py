@@ -1,0 +1,84 @@
+"""What both modes of the node process share (static configuration, Kubernetes): the HTTP endpoints,
+the readiness conditions on capture and listeners, and what a snapshot asks of this node.
+
+Metrics (15020) and readiness (15021) listen on every address, admin (15000) on loopback only; each
+binds with `SO_REUSEPORT`, so a restarting agent binds while the old one still serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from agent.identity.spiffe import SpiffeId
+from agent.observability.metrics import AgentMetrics
+from agent.observability.servers import AdminProviders, Readiness, admin_app, metrics_app, readiness_app
+from agent.redirect.reconciler import ReconcileLoop, RedirectStatus
+from agent.redirect.ruleset import PodIp
+from agent.settings import PortSettings
+from agent.state import Snapshot
+
+log = logging.getLogger(__name__)
+
+RULES_INSTALLED = "rules-installed"
+"""Readiness condition: the capture rules match the enrolled local pods."""
+
+LISTENERS_BOUND = "listeners-bound"
+"""Readiness condition: the data plane accepts on all its ports."""
+
+_SYNC_CHECK_INTERVAL_S = 0.05
+"""How often start-up checks whether the redirect loop has installed the rules."""
+
+
+async def start_endpoints(
+    ports: PortSettings,
+    *,
+    listen_ipv6: bool,
+    metrics: AgentMetrics,
+    readiness: Readiness,
+    admin: AdminProviders,
+    runners: list[web.AppRunner],
+) -> None:
+    """Serves metrics, readiness and admin; each runner is added to `runners` (to clean up) once set
+    up. Raises `OSError` when a port cannot be bound."""
+    any_address = ["0.0.0.0", "::"] if listen_ipv6 else ["0.0.0.0"]
+    for app, hosts, port in (
+        (metrics_app(metrics), any_address, ports.metrics),
+        (readiness_app(readiness), any_address, ports.readiness),
+        (admin_app(metrics, admin), ["127.0.0.1"], ports.admin),
+    ):
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        for host in hosts:
+            await web.TCPSite(runner, host, port, reuse_port=True).start()
+
+
+def enrolled_here(snapshot: Snapshot, node_name: str) -> tuple[frozenset[PodIp], frozenset[SpiffeId]]:
+    """What `snapshot` asks of `node_name`: every address of its enrolled pods (what capture must
+    cover) and their identities (the certificates to hold)."""
+    local = [workload for workload in snapshot.workloads_on_node(node_name) if workload.enrolled]
+    trust_domain = snapshot.mesh.trust_domain
+    return (
+        frozenset(ip for workload in local for ip in workload.ips),
+        frozenset(SpiffeId(trust_domain, workload.namespace, workload.service_account) for workload in local),
+    )
+
+
+async def await_rules(redirect: ReconcileLoop, readiness: Readiness) -> None:
+    """Satisfies `RULES_INSTALLED` once the redirect loop has installed the rules."""
+    while redirect.status.synced_pods is None:
+        await asyncio.sleep(_SYNC_CHECK_INTERVAL_S)
+    readiness.satisfy(RULES_INSTALLED)
+    log.info("capture rules installed for %d local pod addresses", len(redirect.status.synced_pods))
+
+
+def redirect_dump(status: RedirectStatus) -> dict[str, object]:
+    """The capture's state for the admin `/config_dump`."""
+    return {
+        "synced_pods": None if status.synced_pods is None else sorted(str(ip) for ip in status.synced_pods),
+        "consecutive_failures": status.consecutive_failures,
+        "last_error": status.last_error,
+    }
