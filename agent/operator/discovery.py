@@ -1,31 +1,35 @@
 """Cluster-wide discovery: watched objects in, immutable routing snapshots out.
 
 `ClusterIndex` holds what the lean watchers (`agent.operator.watch`) report, already parsed into
-`agent.state` values as each change arrives, so building a snapshot never re-parses the cluster. A
-namespace's labels decide its pods' enrolment, so a namespace change re-parses only that namespace's
-pods. `Discovery` runs one watcher per kind and publishes a new snapshot after each burst of changes
-(a short batching window keeps a 1,000-pod rollout from building 1,000 snapshots).
+`agent.state` values as each change arrives and fed to an `agent.state.SnapshotBuilder`, so building
+the next snapshot costs what changed since the last one, not the cluster (the first sync of 50,000
+pods builds everything once). A namespace's labels decide its pods' enrolment, so a namespace change
+re-decides only that namespace's pods. `Discovery` runs one watcher per kind and publishes a new
+snapshot after each burst of changes (a short batching window keeps a 1,000-pod rollout from
+building 1,000 snapshots).
 
 The pod trim keeps exactly the fields `agent.state.kube.parse_pod` reads; everything else of a pod
-(most of its 4.6 KB) is dropped as it arrives.
+(most of its 4.6 KB) is dropped as it arrives, and the trimmed pod itself once parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from agent.operator.kubeapi import ApiAccess
 from agent.operator.watch import (
     Deleted,
     JsonObject,
+    Listed,
     ListWatcher,
-    Replaced,
     Upserted,
     WatchChange,
     WatchedResource,
@@ -37,8 +41,9 @@ from agent.state import (
     PeerAuthentication,
     Service,
     Snapshot,
+    SnapshotBuilder,
     Workload,
-    build_snapshot,
+    enrolment,
     parse_authorization_policy,
     parse_peer_authentication,
     parse_pod,
@@ -60,17 +65,33 @@ def _pick(obj: Mapping[str, Any], *keys: str) -> JsonObject:
     return {key: obj[key] for key in keys if key in obj}
 
 
+def _shared(value: Any) -> Any:
+    """One string object for text that thousands of pods repeat (namespaces, nodes, labels): 50,000
+    decoded pods would otherwise hold 50,000 copies of each."""
+    return sys.intern(value) if isinstance(value, str) else value
+
+
 def trim_pod(pod: JsonObject) -> JsonObject:
     """The fields of a pod that routing and enrolment read."""
     spec, status = pod.get("spec", {}), pod.get("status", {})
     containers = [
-        {"ports": container["ports"]} for container in spec.get("containers", ()) if container.get("ports")
+        {"ports": [{k: _shared(v) for k, v in port.items()} for port in container["ports"]]}
+        for container in spec.get("containers", ())
+        if container.get("ports")
     ]
     ready = [c for c in status.get("conditions", ()) if c.get("type") == "Ready"]
+    metadata = _pick(pod.get("metadata", {}), "name", "namespace", "uid", "labels")
+    if isinstance(labels := metadata.get("labels"), dict):
+        metadata["labels"] = {_shared(key): _shared(value) for key, value in labels.items()}
     return {
-        "metadata": _pick(pod.get("metadata", {}), "name", "namespace", "uid", "labels"),
+        "metadata": {**metadata, "namespace": _shared(metadata.get("namespace"))},
         "spec": {
-            **_pick(spec, "nodeName", "serviceAccountName", "serviceAccount", "hostNetwork"),
+            **{
+                key: _shared(value)
+                for key, value in _pick(
+                    spec, "nodeName", "serviceAccountName", "serviceAccount", "hostNetwork"
+                ).items()
+            },
             "containers": containers,
         },
         "status": {**_pick(status, "phase", "podIP", "podIPs", "hostIP"), "conditions": ready},
@@ -101,43 +122,46 @@ class ClusterIndex:
     on_parse_error: Callable[[ParseError], None] = lambda error: log.warning("ignoring %s", error)
     """Told about every object that could not be read (the operator turns them into Events)."""
 
-    _pods: dict[str, JsonObject] = field(default_factory=dict)
-    _workloads: dict[str, Workload] = field(default_factory=dict)
-    _pods_by_namespace: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    _builder: SnapshotBuilder = field(init=False)
+    _keys: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    """Keys of the services and policies held, by watched path (what a relist may have to remove)."""
     _namespace_labels: dict[str, Mapping[str, str]] = field(default_factory=dict)
-    _services: dict[str, Service] = field(default_factory=dict)
-    _authorization: dict[str, AuthorizationPolicy] = field(default_factory=dict)
-    _peer_authentication: dict[str, PeerAuthentication] = field(default_factory=dict)
     _version: int = 0
+
+    def __post_init__(self) -> None:
+        self._builder = SnapshotBuilder(self.mesh)
 
     def apply(self, change: WatchChange) -> None:
         """Folds one watch change into the index."""
+        builder = self._builder
         match change.path:
             case path if path == PODS:
                 self._apply_pods(change)
             case path if path == NAMESPACES:
                 self._apply_namespaces(change)
             case path if path == SERVICES:
-                self._apply_parsed(change, self._services, parse_service)
+                self._apply_parsed(change, parse_service, builder.put_service, builder.remove_service)
             case path if path == AUTHORIZATION_POLICIES:
-                self._apply_parsed(change, self._authorization, parse_authorization_policy)
+                self._apply_parsed(
+                    change,
+                    parse_authorization_policy,
+                    builder.put_authorization_policy,
+                    builder.remove_authorization_policy,
+                )
             case path if path == PEER_AUTHENTICATIONS:
-                self._apply_parsed(change, self._peer_authentication, parse_peer_authentication)
+                self._apply_parsed(
+                    change,
+                    parse_peer_authentication,
+                    builder.put_peer_authentication,
+                    builder.remove_peer_authentication,
+                )
             case other:
                 raise ValueError(f"no index for watched path {other}")
         self._version += 1
 
     def snapshot(self, created_at: float) -> Snapshot:
-        """An immutable snapshot of everything indexed so far."""
-        return build_snapshot(
-            version=self._version,
-            created_at=created_at,
-            workloads=self._workloads.values(),
-            services=self._services.values(),
-            authorization_policies=self._authorization.values(),
-            peer_authentications=self._peer_authentication.values(),
-            mesh=self.mesh,
-        )
+        """An immutable snapshot of everything indexed so far (built from the changes since the last)."""
+        return self._builder.snapshot(version=self._version, created_at=created_at)
 
     def namespace_labels(self, namespace: str) -> Mapping[str, str]:
         """The labels of `namespace` as indexed (empty when unknown): what its pods' enrolment reads."""
@@ -145,46 +169,30 @@ class ClusterIndex:
 
     def _apply_pods(self, change: WatchChange) -> None:
         match change:
-            case Replaced(objects=objects):
-                self._pods.clear()
-                self._workloads.clear()
-                self._pods_by_namespace.clear()
-                for key, pod in objects.items():
-                    self._put_pod(key, pod)
+            case Listed(keys=keys):
+                for key in self._builder.workload_keys() - keys:
+                    self._builder.remove_workload(key)
             case Upserted(key=key, obj=pod):
                 self._put_pod(key, pod)
             case Deleted(key=key):
-                self._pods.pop(key, None)
-                self._workloads.pop(key, None)
-                self._pods_by_namespace[_namespace_of(key)].discard(key)
+                self._builder.remove_workload(key)
 
     def _put_pod(self, key: str, pod: JsonObject) -> None:
-        self._pods[key] = pod
-        self._pods_by_namespace[_namespace_of(key)].add(key)
-        self._parse_pod(key)
-
-    def _parse_pod(self, key: str) -> None:
         labels = self._namespace_labels.get(_namespace_of(key), {})
-        parsed = parse_pod(self._pods[key], namespace_labels=labels, exclude=self.exclude)
+        parsed = parse_pod(pod, namespace_labels=labels, exclude=self.exclude)
         if isinstance(parsed, Workload):
-            self._workloads[key] = parsed
+            self._builder.put_workload(key, parsed)
             return
-        self._workloads.pop(key, None)
+        self._builder.remove_workload(key)
         if isinstance(parsed, ParseError):
             self.on_parse_error(parsed)
 
     def _apply_namespaces(self, change: WatchChange) -> None:
         match change:
-            case Replaced(objects=objects):
-                before = self._namespace_labels
-                self._namespace_labels = {
-                    name: obj.get("metadata", {}).get("labels") or {} for name, obj in objects.items()
-                }
-                changed = {
-                    name
-                    for name in before.keys() | self._namespace_labels.keys()
-                    if before.get(name) != self._namespace_labels.get(name)
-                }
+            case Listed(keys=names):
+                changed = self._namespace_labels.keys() - names
+                for name in changed:
+                    del self._namespace_labels[name]
             case Upserted(key=name, obj=obj):
                 labels = obj.get("metadata", {}).get("labels") or {}
                 changed = set() if self._namespace_labels.get(name) == labels else {name}
@@ -192,32 +200,54 @@ class ClusterIndex:
             case Deleted(key=name):
                 changed = {name} if self._namespace_labels.pop(name, None) is not None else set()
         for name in changed:
-            for key in self._pods_by_namespace.get(name, ()):
-                self._parse_pod(key)
+            self._reenrol(name)
+
+    def _reenrol(self, namespace: str) -> None:
+        """Re-decides the enrolment of `namespace`'s pods: the only part of a pod its namespace sets."""
+        labels = self.namespace_labels(namespace)
+        for key in self._builder.workload_keys(namespace):
+            workload = self._builder.workload_by_key(key)
+            if workload is None:
+                continue
+            enrolled = enrolment(
+                pod_labels=workload.labels,
+                namespace_labels=labels,
+                host_network=workload.host_network,
+                exclude=self.exclude,
+            ).enrolled
+            if enrolled != workload.enrolled:
+                self._builder.put_workload(key, replace(workload, enrolled=enrolled))
 
     def _apply_parsed(
         self,
         change: WatchChange,
-        into: dict[str, _Parsed],
         parse: Callable[[Mapping[str, object]], _Parsed | ParseError],
+        put: Callable[[str, _Parsed], None],
+        remove: Callable[[str], None],
     ) -> None:
-        def put(key: str, obj: JsonObject) -> None:
+        held = self._keys[change.path]
+
+        def forget(key: str) -> None:
+            held.discard(key)
+            remove(key)
+
+        def parse_and_put(key: str, obj: JsonObject) -> None:
             parsed = parse(obj)
             if isinstance(parsed, ParseError):
-                into.pop(key, None)
+                forget(key)
                 self.on_parse_error(parsed)
             else:
-                into[key] = parsed
+                held.add(key)
+                put(key, parsed)
 
         match change:
-            case Replaced(objects=objects):
-                into.clear()
-                for key, obj in objects.items():
-                    put(key, obj)
+            case Listed(keys=keys):
+                for key in held - keys:
+                    forget(key)
             case Upserted(key=key, obj=obj):
-                put(key, obj)
+                parse_and_put(key, obj)
             case Deleted(key=key):
-                into.pop(key, None)
+                forget(key)
 
 
 def _namespace_of(key: str) -> str:
@@ -269,9 +299,17 @@ class Discovery:
             tasks.create_task(self._publish_loop(), name="publish snapshots")
 
     async def _publish_loop(self) -> None:
+        frozen = False
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self._batch_s)
             self._dirty.clear()
             if self.synced:
                 self._publish(self._index.snapshot(created_at=time.time()))
+                if not frozen:
+                    # The first sync leaves ~8 long-lived objects per pod (400,000 for 50,000 pods);
+                    # a full cyclic collection scanning them stalls this loop ~130 ms, and far more
+                    # on a busy node (docs/benchmarks.md). Freezing them once keeps collections to
+                    # what comes later; they are still freed by reference counting.
+                    gc.freeze()
+                    frozen = True

@@ -5,7 +5,10 @@ kopf keeps a task, a queue and a full body per object, which does not scale to a
 from each object and reports changes to a sink. The wire decoding is pure (`WatchLineSplitter`,
 `decode_watch_line`); `ListWatcher` is the thin aiohttp loop around it:
 
-- the first LIST uses `resourceVersion=0`, served from the API server's watch cache;
+- the first LIST uses `resourceVersion=0`, served from the API server's watch cache, and is decoded
+  item by item as it arrives (`ListDecoder`): a 50,000-pod LIST is 232 MB of JSON, and decoding it
+  whole would hold ~1 GB of objects at once (and pin that memory for good: the trimmed objects kept
+  would share its pages);
 - WATCH continues from the LIST's resourceVersion with bookmarks, so a quiet collection still
   advances its resourceVersion and a reconnect does not need a relist;
 - `410 Gone` (the resourceVersion fell out of the watch window) relists; any other failure relists
@@ -15,6 +18,7 @@ from each object and reports changes to a sink. The wire decoding is pure (`Watc
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -28,6 +32,9 @@ from agent.operator.kubeapi import ApiAccess
 from agent.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+_LIST_CHUNK = 256 * 1024
+"""Bytes read at a time from a LIST response (a few dozen pods)."""
 
 JsonObject = dict[str, Any]
 Trim = Callable[[JsonObject], JsonObject]
@@ -58,11 +65,13 @@ class WatchedResource:
 
 
 @dataclass(frozen=True)
-class Replaced:
-    """A (re)list finished: `objects` is now the whole collection, by key."""
+class Listed:
+    """A (re)list finished: the collection is exactly `keys`. Each listed object came as an
+    `Upserted` while the list arrived, so the sink never holds the whole list at once; what it
+    holds beyond `keys` was deleted meanwhile."""
 
     path: str
-    objects: Mapping[str, JsonObject]
+    keys: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ class Deleted:
     key: str
 
 
-WatchChange = Replaced | Upserted | Deleted
+WatchChange = Listed | Upserted | Deleted
 Sink = Callable[[WatchChange], None]
 
 
@@ -151,6 +160,101 @@ class WatchLineSplitter:
         *lines, rest = self._partial.split(b"\n")
         self._partial = bytearray(rest)
         return [bytes(line) for line in lines if line.strip()]
+
+
+class ListDecodeError(ValueError):
+    """A LIST response body that is not a JSON object with an `items` list."""
+
+
+_WHITESPACE = json.decoder.WHITESPACE  # type: ignore[attr-defined]
+
+
+@dataclass
+class ListDecoder:
+    """Decodes a LIST response body incrementally: `feed` returns the items completed so far, and
+    `finish` the list's other top-level fields (its `metadata` holds the resourceVersion).
+
+    Each item is decoded on its own once its bytes have arrived, so memory holds one chunk and the
+    items not yet consumed, never the whole body.
+    """
+
+    _decoder: json.JSONDecoder = field(default_factory=json.JSONDecoder)
+    _utf8: codecs.IncrementalDecoder = field(default_factory=codecs.getincrementaldecoder("utf-8"))
+    _text: str = ""
+    _state: str = "start"
+    _fields: JsonObject = field(default_factory=dict)
+    _key: str = ""
+
+    def feed(self, chunk: bytes) -> list[JsonObject]:
+        """The items that `chunk` completes."""
+        self._text += self._utf8.decode(chunk)
+        items: list[JsonObject] = []
+        position = self._advance(0, items)
+        self._text = self._text[position:]
+        return items
+
+    def finish(self) -> JsonObject:
+        """The top-level fields other than `items`; raises `ListDecodeError` on a truncated body."""
+        self._text += self._utf8.decode(b"", final=True)
+        position = self._advance(0, [])
+        if self._state != "done" or self._text[position:].strip():
+            raise ListDecodeError(f"LIST body ended early or malformed (while reading {self._state})")
+        return self._fields
+
+    def _advance(self, position: int, items: list[JsonObject]) -> int:
+        """Consumes complete tokens from `position`; returns where the unconsumed text starts."""
+        text, decode = self._text, self._decoder.raw_decode
+        while True:
+            position = _WHITESPACE.match(text, position).end()
+            if position >= len(text):
+                return position
+            char = text[position]
+            try:
+                match self._state:
+                    case "start":
+                        if char != "{":
+                            raise ListDecodeError(f"LIST body is not a JSON object: {char!r}")
+                        self._state, position = "key", position + 1
+                    case "key":
+                        if char == "}":
+                            self._state, position = "done", position + 1
+                            continue
+                        key, end = decode(text, position)
+                        colon = _WHITESPACE.match(text, end).end()
+                        if colon >= len(text):
+                            return position
+                        if text[colon] != ":":
+                            raise ListDecodeError(f"expected ':' after {key!r}")
+                        self._key, position = key, colon + 1
+                        self._state = "value"
+                    case "value":
+                        if self._key == "items" and char == "[":
+                            self._state, position = "item", position + 1
+                            continue
+                        value, end = decode(text, position)
+                        if isinstance(value, int | float) and end == len(text):
+                            return position  # the number may go on in the next chunk
+                        self._fields[self._key], position = value, end
+                        self._state = "next"
+                    case "item":
+                        if char == "]":
+                            self._state, position = "next", position + 1
+                            continue
+                        if char == ",":
+                            position += 1
+                            continue
+                        item, position = decode(text, position)
+                        items.append(item)
+                    case "next":
+                        if char not in ",}":
+                            raise ListDecodeError(f"expected ',' or '}}' at top level, got {char!r}")
+                        self._state = "key" if char == "," else "done"
+                        position += 1
+                    case _:
+                        raise ListDecodeError(f"data after the end of the LIST body: {char!r}")
+            except json.JSONDecodeError:
+                # Not complete yet: wait for the next chunk (`finish` reports a body that never completes).
+                return position
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
@@ -222,14 +326,21 @@ class ListWatcher:
 
     async def _list(self, session: aiohttp.ClientSession) -> str:
         url = f"{self._access.server}{self._resource.path}?{self._resource.query(resourceVersion='0')}"
+        path, trim, decoder, keys = self._resource.path, self._resource.trim, ListDecoder(), set()
         async with session.get(url, headers=self._access.auth_headers()) as response:
             if response.status != 200:
-                raise WatchFailed(f"LIST {self._resource.path}: HTTP {response.status}")
-            body = json.loads(await response.read())
-        trim = self._resource.trim
-        objects = {object_key(item): trim(item) for item in body.get("items", [])}
-        self._sink(Replaced(self._resource.path, objects))
-        return str(body.get("metadata", {}).get("resourceVersion", ""))
+                raise WatchFailed(f"LIST {path}: HTTP {response.status}")
+            async for chunk in response.content.iter_chunked(_LIST_CHUNK):
+                for item in decoder.feed(chunk):
+                    key = object_key(item)
+                    keys.add(key)
+                    self._sink(Upserted(path, key, trim(item)))
+        try:
+            fields = decoder.finish()
+        except ListDecodeError as error:
+            raise WatchFailed(f"LIST {path}: {error}") from None
+        self._sink(Listed(path, frozenset(keys)))
+        return str(fields.get("metadata", {}).get("resourceVersion", ""))
 
     async def _watch(self, session: aiohttp.ClientSession, version: str) -> str:
         """Watches from `version` until the server ends the watch; returns the last version seen."""

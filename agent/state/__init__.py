@@ -4,6 +4,8 @@
 - `kube`: parsing Kubernetes objects (plain JSON dicts) into them, with typed errors;
 - `enrolment`: which pods are in the mesh;
 - `snapshot`: the indexed, immutable `Snapshot` and its pure builder;
+- `incremental`, `persistent`: the same snapshot kept up to date change by change, sharing what did
+  not change with the previous one;
 - `outbound`: where a captured connection goes (tunnel, load-balance, passthrough, refuse);
 - `inbound`: PeerAuthentication and AuthorizationPolicy decisions for connections to local pods.
 
@@ -24,6 +26,7 @@ from agent.state.inbound import (
     authorize,
     effective_mtls,
 )
+from agent.state.incremental import SnapshotBuilder
 from agent.state.kube import (
     ParseError,
     parse_authorization_policy,
@@ -75,6 +78,7 @@ __all__ = [
     "ServicePort",
     "ServiceTarget",
     "Snapshot",
+    "SnapshotBuilder",
     "Tunnel",
     "Workload",
     "applicable_policies",

@@ -1,8 +1,9 @@
 """The immutable snapshot the data plane decides on, and the pure builder that makes it.
 
-The control plane parses watched objects (`agent.state.kube`), hands the lists to `build_snapshot`, and
-swaps the result in atomically; nothing in a snapshot changes afterwards. The builder reads no clock:
-the version and creation time come from the caller.
+The control plane parses watched objects (`agent.state.kube`), hands the lists to `build_snapshot`
+(or keeps them up to date in `agent.state.incremental.SnapshotBuilder`, which yields the same result
+at the cost of each change), and swaps the result in atomically; nothing in a snapshot changes
+afterwards. The builders read no clock: the version and creation time come from the caller.
 """
 
 from __future__ import annotations
@@ -136,39 +137,52 @@ def build_snapshot(
 
     services_by_address: dict[Address, ServiceTarget] = {}
     for service in services:
-        members = [] if service.selector is None else _members(service, by_namespace[service.namespace])
-        for port in service.ports:
-            if port.protocol is not PortProtocol.TCP:
-                continue
-            for cluster_ip in service.cluster_ips:
-                services_by_address[Address(cluster_ip, port.port)] = ServiceTarget(
-                    service=service, port=port, endpoints=_endpoints(members, port, cluster_ip.version)
-                )
+        services_by_address.update(
+            service_targets(service, _members(service, by_namespace[service.namespace]))
+        )
 
     return Snapshot(
         version=version,
         created_at=created_at,
         mesh=mesh or MeshConfig(),
         workloads_by_ip=by_ip,
-        workloads_by_node={node: tuple(sorted(pods, key=_by_name)) for node, pods in by_node.items()},
+        workloads_by_node={node: tuple(sorted(pods, key=by_name)) for node, pods in by_node.items()},
         services_by_address=services_by_address,
         authorization_policies=_by_namespace(authorization_policies),
         peer_authentications=_by_namespace(peer_authentications),
     )
 
 
-def _by_name(workload: Workload) -> tuple[str, str]:
+def by_name(workload: Workload) -> tuple[str, str]:
+    """The order of workloads on a node: namespace, then name."""
     return (workload.namespace, workload.name)
 
 
 def _members(service: Service, candidates: Iterable[Workload]) -> list[Workload]:
-    selector = service.selector or {}
-    return [
-        workload
-        for workload in candidates
-        if selector_matches(selector, workload.labels)
+    return [workload for workload in candidates if serves(service, workload)]
+
+
+def serves(service: Service, workload: Workload) -> bool:
+    """Whether `workload` (a routable pod of the service's namespace) is one of `service`'s endpoints."""
+    return (
+        service.selector is not None
+        and selector_matches(service.selector, workload.labels)
         and (workload.ready or service.publish_not_ready_addresses)
-    ]
+    )
+
+
+def service_targets(service: Service, members: Iterable[Workload]) -> dict[Address, ServiceTarget]:
+    """What each TCP cluster IP and port of `service` leads to, given its endpoint pods."""
+    members = list(members)
+    targets: dict[Address, ServiceTarget] = {}
+    for port in service.ports:
+        if port.protocol is not PortProtocol.TCP:
+            continue
+        for cluster_ip in service.cluster_ips:
+            targets[Address(cluster_ip, port.port)] = ServiceTarget(
+                service=service, port=port, endpoints=_endpoints(members, port, cluster_ip.version)
+            )
+    return targets
 
 
 def _endpoints(members: Iterable[Workload], port: ServicePort, ip_version: int) -> tuple[Endpoint, ...]:
@@ -182,11 +196,21 @@ def _endpoints(members: Iterable[Workload], port: ServicePort, ip_version: int) 
         )
         if ip is not None and target_port is not None:
             endpoints.append(Endpoint(workload, Address(ip, target_port)))
-    return tuple(sorted(endpoints, key=lambda endpoint: (int(endpoint.address.ip), endpoint.address.port)))
+    # Host-network pods on one node share an address: their names make the order total.
+    return tuple(sorted(endpoints, key=_endpoint_order))
+
+
+def _endpoint_order(endpoint: Endpoint) -> tuple[int, int, str, str]:
+    return (int(endpoint.address.ip), endpoint.address.port, *by_name(endpoint.workload))
 
 
 def _by_namespace(policies: Iterable[_Policy]) -> dict[str, tuple[_Policy, ...]]:
     grouped: defaultdict[str, list[_Policy]] = defaultdict(list)
     for policy in policies:
         grouped[policy.namespace].append(policy)
-    return {namespace: tuple(sorted(items, key=lambda p: p.name)) for namespace, items in grouped.items()}
+    return {namespace: by_policy_name(items) for namespace, items in grouped.items()}
+
+
+def by_policy_name(policies: Iterable[_Policy]) -> tuple[_Policy, ...]:
+    """One namespace's policies as a snapshot holds them: ordered by name."""
+    return tuple(sorted(policies, key=lambda policy: policy.name))

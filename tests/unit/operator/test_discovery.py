@@ -15,7 +15,7 @@ from agent.operator.discovery import (
     trim_pod,
     trim_whole,
 )
-from agent.operator.watch import Deleted, Replaced, Upserted
+from agent.operator.watch import Deleted, Listed, Upserted
 from agent.state import ParseError, parse_pod
 from tests.unit.state.factories import pod_dict, policy_dict
 
@@ -58,8 +58,8 @@ def test_trims_drop_bookkeeping() -> None:
 
 def test_pods_are_indexed_and_enrolled_by_their_namespace_label() -> None:
     index = ClusterIndex()
-    index.apply(Replaced(NAMESPACES, {"demo": trim_namespace(namespace("demo", AMBIENT))}))
-    index.apply(Replaced(PODS, {"demo/web-1": trim_pod(full_pod("web-1", "10.244.1.5"))}))
+    index.apply(Upserted(NAMESPACES, "demo", trim_namespace(namespace("demo", AMBIENT))))
+    index.apply(Upserted(PODS, "demo/web-1", trim_pod(full_pod("web-1", "10.244.1.5"))))
     workload = index.snapshot(created_at=0).workload(ip("10.244.1.5"))
     assert workload is not None
     assert (workload.name, workload.enrolled) == ("web-1", True)
@@ -67,8 +67,8 @@ def test_pods_are_indexed_and_enrolled_by_their_namespace_label() -> None:
 
 def test_labelling_a_namespace_enrols_its_running_pods_and_unlabelling_releases_them() -> None:
     index = ClusterIndex()
-    index.apply(Replaced(NAMESPACES, {"demo": trim_namespace(namespace("demo"))}))
-    index.apply(Replaced(PODS, {"demo/web-1": trim_pod(full_pod("web-1", "10.244.1.5"))}))
+    index.apply(Upserted(NAMESPACES, "demo", trim_namespace(namespace("demo"))))
+    index.apply(Upserted(PODS, "demo/web-1", trim_pod(full_pod("web-1", "10.244.1.5"))))
 
     def enrolled() -> bool:
         workload = index.snapshot(created_at=0).workload(ip("10.244.1.5"))
@@ -110,3 +110,27 @@ def test_snapshot_versions_increase_with_every_change() -> None:
     first = index.snapshot(created_at=0).version
     index.apply(Upserted(PODS, "demo/web-1", trim_pod(full_pod("web-1", "10.244.1.5"))))
     assert index.snapshot(created_at=0).version > first
+
+
+def test_a_relist_removes_what_it_no_longer_lists() -> None:
+    index = ClusterIndex()
+    index.apply(Upserted(NAMESPACES, "demo", trim_namespace(namespace("demo", AMBIENT))))
+    for name, address in (("kept", "10.244.1.5"), ("gone", "10.244.1.6")):
+        index.apply(Upserted(PODS, f"demo/{name}", trim_pod(full_pod(name, address))))
+    web = {
+        "metadata": {"name": "web", "namespace": "demo"},
+        "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]},
+    }
+    index.apply(Upserted(SERVICES, "demo/web", trim_whole(web)))
+
+    index.apply(Listed(PODS, frozenset({"demo/kept"})))
+    index.apply(Listed(SERVICES, frozenset()))
+    index.apply(Listed(NAMESPACES, frozenset()))
+
+    snapshot = index.snapshot(created_at=0)
+    kept = snapshot.workload(ip("10.244.1.5"))
+    assert kept is not None
+    assert snapshot.workload(ip("10.244.1.6")) is None
+    assert not snapshot.services_by_address
+    assert index.namespace_labels("demo") == {}
+    assert not kept.enrolled  # its namespace, and with it the enrolling label, is gone

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from agent.operator.watch import (
     Bookmark,
     Expired,
+    ListDecodeError,
+    ListDecoder,
     ObjectEvent,
     StreamError,
     WatchedResource,
@@ -87,3 +89,34 @@ def test_any_chunking_yields_the_same_lines(lines: list[bytes], cuts: list[int])
         received += splitter.feed(stream[start:cut])
         start = cut
     assert received == lines
+
+
+LIST_BODY = {
+    "kind": "PodList",
+    "apiVersion": "v1",
+    "metadata": {"resourceVersion": "1234", "remainingItemCount": 0},
+    "items": [{"metadata": {"name": f"p{i}", "namespace": "ns", "labels": {"é": "ü" * i}}} for i in range(5)],
+    "count": 12345,
+}
+
+
+@given(st.lists(st.integers(min_value=1, max_value=200), max_size=30), st.sampled_from([0, 2]))
+def test_list_decoder_yields_the_same_items_however_the_body_is_chunked(cuts: list[int], indent: int) -> None:
+    raw = json.dumps(LIST_BODY, indent=indent or None, ensure_ascii=False).encode()
+    decoder, items, offset = ListDecoder(), [], 0
+    for size in cuts:
+        items += decoder.feed(raw[offset : offset + size])
+        offset += size
+    items += decoder.feed(raw[offset:])
+    assert items == LIST_BODY["items"]
+    assert decoder.finish() == {key: value for key, value in LIST_BODY.items() if key != "items"}
+
+
+@pytest.mark.parametrize("raw", [b'{"items": [{"a": 1}', b'[{"a": 1}]', b'{"items": [], "x": 1} extra', b""])
+def test_list_decoder_rejects_truncated_or_malformed_bodies(raw: bytes) -> None:
+    def decode_whole() -> object:
+        decoder = ListDecoder()
+        return decoder.feed(raw), decoder.finish()
+
+    with pytest.raises(ListDecodeError):
+        decode_whole()
