@@ -7,8 +7,11 @@ owns that pod's life: sandbox (network namespace, address), process (the first c
 command and args, image ignored), restarts by `restartPolicy`, status patches, and graceful
 deletion (SIGTERM, grace period, SIGKILL, sandbox removal, then the final delete of the object).
 
-Later work plugs in at `PodWorker._prepare`: volumes (ConfigMaps, Secrets, projected tokens) are
-materialised there, between the sandbox and the process.
+`PodWorker._prepare` materialises the pod's volumes (tests/e2e/cluster/volumes.py) between the sandbox
+and the process, which then runs in a private mount namespace with each volume at its mountPath.
+A container's readiness probe (httpGet or tcpSocket, run from the node's namespace against the pod's
+IP, which is the node's for hostNetwork pods) drives its Ready condition; without a probe a running
+container is ready. Liveness and startup probes are not run.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ from tests.e2e.cluster.layout import (
     venv_python,
 )
 from tests.e2e.cluster.podnet import PodNetwork, Sandbox
+from tests.e2e.cluster.volumes import PodVolumes, VolumeError, mount_command
 
 log = logging.getLogger("kubelet")
 
@@ -58,6 +64,10 @@ def now() -> str:
 
 def now_micro() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+PROBE_DEFAULTS = {"periodSeconds": 10, "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3}
+"""Kubernetes' values for the probe fields a probe leaves out."""
 
 
 class ContainerConfigError(ValueError):
@@ -132,6 +142,57 @@ def container_argv(container: JsonObject, env: dict[str, str]) -> list[str]:
     return argv
 
 
+def probe_port(container: JsonObject, port: int | str) -> int:
+    """A probe's port: a number, or the name of one of the container's ports."""
+    if isinstance(port, int) or port.isdigit():
+        return int(port)
+    for declared in container.get("ports") or []:
+        if declared.get("name") == port:
+            return int(declared["containerPort"])
+    raise ContainerConfigError(f"probe port {port!r} names no container port")
+
+
+async def probe_once(probe: JsonObject, container: JsonObject, pod_ip: str) -> bool:
+    """One readiness check: an HTTP GET answered with 2xx/3xx, or a TCP connect that succeeds."""
+    timeout = float(probe.get("timeoutSeconds", PROBE_DEFAULTS["timeoutSeconds"]))
+    if "httpGet" in probe:
+        action = probe["httpGet"]
+        host = action.get("host") or pod_ip
+        port = probe_port(container, action["port"])
+        request = f"GET {action.get('path', '/')} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode()
+    else:
+        action = probe["tcpSocket"]
+        host = action.get("host") or pod_ip
+        port = probe_port(container, action["port"])
+        request = b""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                if not request:
+                    return True
+                writer.write(request)
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    parts = status_line.split()
+    return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
+
+
+def readiness_probe(container: JsonObject) -> JsonObject | None:
+    """The container's readiness probe, None without one; refuses probe kinds this kubelet cannot run."""
+    probe: JsonObject | None = container.get("readinessProbe")
+    if probe is None:
+        return None
+    action = probe.get("httpGet") or probe.get("tcpSocket")
+    if action is None:
+        raise ContainerConfigError(f"readinessProbe {sorted(probe)}: only httpGet and tcpSocket are run")
+    probe_port(container, action["port"])
+    return probe
+
+
 def pod_status(
     pod: JsonObject,
     sandbox: Sandbox,
@@ -188,6 +249,8 @@ class PodWorker:
         self._changed = asyncio.Event()
         self._object_gone = False
         self._process: asyncio.subprocess.Process | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        """The volume refresher and the readiness prober (cancelled when the pod goes)."""
 
     @property
     def uid(self) -> str:
@@ -220,7 +283,10 @@ class PodWorker:
             await self._report_failure(error)
             await self._wait_for_deletion(None)
         finally:
+            for task in self._background:
+                task.cancel()
             await self._stop_process()
+            await asyncio.to_thread(shutil.rmtree, self._volume_root, True)
             if sandbox is not None:
                 await asyncio.to_thread(self._kubelet.network.detach, sandbox)
             if not self._object_gone:
@@ -236,10 +302,56 @@ class PodWorker:
             self._kubelet.network.attach, meta["namespace"], meta["name"], self.uid
         )
 
+    @property
+    def _volume_root(self) -> Path:
+        return self._kubelet.layout.state_dir / "volumes" / self.uid
+
+    def _start_background(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine, name=f"{self._key} {name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     async def _prepare(self, sandbox: Sandbox) -> tuple[list[str], dict[str, str]]:
-        """What the process needs before it starts: its argv and environment."""
-        env = container_environment(self.pod, sandbox, self._kubelet.node)
-        return container_argv(self.pod["spec"]["containers"][0], env), env
+        """What the process needs before it starts: its volumes in place, its argv and environment."""
+        node = self._kubelet.node
+        env = container_environment(self.pod, sandbox, node)
+        argv = container_argv(self.pod["spec"]["containers"][0], env)
+        readiness_probe(self.pod["spec"]["containers"][0])
+        volumes = PodVolumes(
+            self._kubelet.api,
+            self.pod,
+            self._volume_root,
+            lambda path: field_value(self.pod, sandbox, node, path),
+        )
+        try:
+            mounts = await volumes.materialise()
+        except VolumeError as error:
+            raise ContainerConfigError(str(error)) from error
+        self._start_background(volumes.refresh_forever(), "volumes")
+        return mount_command(mounts, argv), env
+
+    async def _probe_readiness(self, probe: JsonObject, status: dict[str, Any]) -> None:
+        """Runs the readiness probe for one container run, re-patching the status when Ready flips."""
+        container = self.pod["spec"]["containers"][0]
+        settings = {**PROBE_DEFAULTS, **probe}
+        successes = failures = 0
+        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
+        while True:
+            if await probe_once(probe, container, status["sandbox"].ip):
+                successes, failures = successes + 1, 0
+            else:
+                successes, failures = 0, failures + 1
+            flip_to = None
+            if not status["ready"] and successes >= int(settings["successThreshold"]):
+                flip_to = True
+            elif status["ready"] and failures >= int(settings["failureThreshold"]):
+                flip_to = False
+            if flip_to is not None:
+                status["ready"] = flip_to
+                log.info("%s: readiness %s", self._key, "passed" if flip_to else "failed")
+                await self._patch_status(pod_status(self.pod, **status))
+            await asyncio.sleep(float(settings["periodSeconds"]))
 
     async def _run_container(self, sandbox: Sandbox) -> None:
         node = self._kubelet.node
@@ -276,20 +388,26 @@ class PodWorker:
             pid = self._process.pid
             log.info("%s: started pid %d in %s ip %s: %s", self._key, pid, sandbox.netns, sandbox.ip, argv)
             running = {"running": {"startedAt": now()}}
-            await self._patch_status(
-                pod_status(
-                    self.pod,
-                    sandbox,
-                    node,
-                    phase="Running",
-                    container_state=running,
-                    ready=True,
-                    restarts=restarts,
-                    last_state=last_state,
-                    pid=pid,
-                )
+            probe = readiness_probe(self.pod["spec"]["containers"][0])
+            status: dict[str, Any] = {
+                "sandbox": sandbox,
+                "node": node,
+                "phase": "Running",
+                "container_state": running,
+                "ready": probe is None,
+                "restarts": restarts,
+                "last_state": last_state,
+                "pid": pid,
+            }
+            await self._patch_status(pod_status(self.pod, **status))
+            prober = (
+                None
+                if probe is None
+                else self._start_background(self._probe_readiness(probe, status), "probe")
             )
             exit_code = await self._wait_for_exit_or_deletion()
+            if prober is not None:
+                prober.cancel()
             if exit_code is None:
                 return
             self._process = None
@@ -515,6 +633,16 @@ class Kubelet:
                     response = await self.api.request("POST", path.rsplit("/", 1)[0], body=lease)
                 if not response.ok:
                     log.warning("lease renewal failed: %s %s", response.status, response.body)
+                # The node lifecycle controller marks the node Unknown (and taints it) when the lease
+                # lapsed, e.g. over an API server outage; only the kubelet's own status report undoes that.
+                response = await self.api.request(
+                    "PATCH",
+                    f"/api/v1/nodes/{self.node.name}/status",
+                    body={"status": self._node_status()},
+                    content_type=MERGE_PATCH,
+                )
+                if not response.ok:
+                    log.warning("node status report failed: %s %s", response.status, response.body)
             except ApiUnavailable as error:
                 log.warning("lease renewal failed: %s", error)
             await asyncio.sleep(LEASE_RENEW_SECONDS)

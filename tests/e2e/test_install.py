@@ -1,0 +1,392 @@
+"""The product installed as a user installs it (issue 8): manifests/ applied through the API server, the
+CA Deployment and the node DaemonSet turned into pods by kube-controller-manager, and those pods run by
+the harness kubelet with their downward-API env, their volumes (a projected service-account token bound
+to the pod, the cluster CA, an emptyDir) in a private mount namespace, hostNetwork, and readiness probes
+deciding Ready.
+
+Proved here: the kubelet's pod runtime (volumes of every kind the chart uses, a token bound to the pod
+with the projection's audience, mounts invisible to the host, readiness following an httpGet probe both
+ways); the DaemonSet comes up with one Ready agent per node and the CA Deployment becomes available;
+a labelled namespace's pods on two nodes talk through the agents over mutual TLS with the client's
+address kept; uninstalling (deleting what was applied, then `ambient-agent cleanup` on each node, the
+command the chart's uninstall hook runs) leaves the nodes without the agent's nftables table, ip rules
+and routes.
+
+v1.20 serves PodDisruptionBudget only as policy/v1beta1: the budget is applied as its v1beta1
+equivalent (tests/e2e/test_manifests.py `as_served_by_1_20`, which also proves the server refuses v1).
+The module uninstalls at its end, namespace deletion included, so later modules start from a cluster
+without agents.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.cluster import Cluster, NodeHandle, PodHandle
+from tests.e2e.kube_mesh import (
+    AMBIENT,
+    eventually,
+    label_namespace,
+    peer_seen,
+    redirection,
+    talk,
+    tcp_opened,
+)
+from tests.e2e.mesh import METRICS_PORT, READINESS_PORT, http_get, remove_capture
+from tests.e2e.test_manifests import Object, apply, as_served_by_1_20, kubectl, manifest_objects
+
+RELEASE_NAMESPACE = "ambient-system"
+SHOP = "inst-shop"
+RUNTIME = "inst-runtime"
+ECHO_PORT = 8080
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+POD_MOUNTS = "/run/ambient-e2e-pod"
+"""Where the test pod's other volumes go: the kubelet creates missing mount points on the host (empty),
+so they stay under /run."""
+INSTALL_TIMEOUT = 120.0
+
+
+def get(cluster: Cluster, path: str) -> dict[str, Any]:
+    status, body = cluster.api("GET", path)
+    assert status == 200, body
+    found: dict[str, Any] = body
+    return found
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def agent_pods(cluster: Cluster) -> list[dict[str, Any]]:
+    selector = "app.kubernetes.io/component=node"
+    found: list[dict[str, Any]] = get(
+        cluster, f"/api/v1/namespaces/{RELEASE_NAMESPACE}/pods?labelSelector={selector}"
+    )["items"]
+    return found
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return claims
+
+
+def capture_state(cluster: Cluster, node: NodeHandle) -> tuple[str, str, str]:
+    """(nftables tables, ip rules, routes of table 100) in the node's namespace."""
+    tables = cluster.run_in(node.netns, ["nft", "list", "tables"]).stdout
+    rules = cluster.run_in(node.netns, ["ip", "rule", "show"]).stdout
+    routes = cluster.run_in(node.netns, ["ip", "route", "show", "table", "100"], check=False).stdout
+    return tables, rules, routes
+
+
+def uninstall(cluster: Cluster, objects: list[Object]) -> None:
+    """Deletes what was installed but the CRDs (Helm keeps those too) and waits until the release's
+    namespace is gone, so its pods have stopped."""
+    installed = [obj for obj in objects if obj["kind"] != "CustomResourceDefinition"]
+    for obj in reversed(installed):
+        kubectl(
+            cluster,
+            "delete",
+            "--ignore-not-found",
+            "--wait=false",
+            obj["kind"],
+            obj["metadata"]["name"],
+            *(["-n", obj["metadata"]["namespace"]] if "namespace" in obj["metadata"] else []),
+        )
+
+    def namespace_gone() -> bool:
+        status, _ = cluster.api("GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}")
+        return status == 404
+
+    assert eventually(namespace_gone, INSTALL_TIMEOUT, 0.5), "the release namespace was not deleted"
+
+
+@pytest.fixture(scope="module")
+def install(cluster: Cluster) -> Iterator[list[Object]]:
+    """manifests/ applied as `kubectl apply -f manifests/crds/ -f manifests/` would; uninstalled after."""
+    objects = [as_served_by_1_20(obj) for obj in manifest_objects()]
+    result = apply(cluster, objects)
+    assert result.returncode == 0, f"kubectl apply refused manifests/:\n{result.stderr}"
+    yield objects
+    uninstall(cluster, objects)
+    for node in cluster.nodes:
+        remove_capture(cluster, node)
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, install: list[Object]) -> list[Object]:
+    """The install, once the CA is available and an agent is Ready on every node."""
+
+    def rolled_out() -> bool:
+        daemon_set = get(
+            cluster, f"/apis/apps/v1/namespaces/{RELEASE_NAMESPACE}/daemonsets/ambient-agent-node"
+        )
+        deployment = get(
+            cluster, f"/apis/apps/v1/namespaces/{RELEASE_NAMESPACE}/deployments/ambient-agent-ca"
+        )
+        ds, deploy = daemon_set.get("status", {}), deployment.get("status", {})
+        return bool(
+            ds.get("desiredNumberScheduled") == len(cluster.nodes)
+            and ds.get("numberReady") == len(cluster.nodes)
+            and deploy.get("availableReplicas") == 1
+        )
+
+    assert eventually(rolled_out, INSTALL_TIMEOUT, 1.0), (
+        "the DaemonSet or the CA Deployment did not become ready:\n"
+        + kubectl(cluster, "get", "pods,daemonsets,deployments", "-n", RELEASE_NAMESPACE, "-o", "wide").stdout
+    )
+    return install
+
+
+# The kubelet's pod runtime
+
+
+VOLUME_PROGRAM = """
+import json, pathlib, sys, time
+files = {path: pathlib.Path(path).read_text() for path in sys.argv[1:]}
+print(json.dumps(files), flush=True)
+time.sleep(3600)
+"""
+
+PROBED_PROGRAM = """
+import http.server, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if os.path.exists(sys.argv[1]) else 503)
+        self.end_headers()
+http.server.HTTPServer(("", 8080), Handler).serve_forever()
+"""
+
+
+def test_a_pod_sees_its_volumes_and_a_token_bound_to_it_and_the_host_does_not(cluster: Cluster) -> None:
+    cluster.ensure_service_account(RUNTIME, "reader")
+    config = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "settings"},
+        "data": {"mode": "on"},
+    }
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "password"},
+        "data": {"password": base64.b64encode(b"hunter2").decode()},
+    }
+    for path, body in (
+        (f"/api/v1/namespaces/{RUNTIME}/configmaps", config),
+        (f"/api/v1/namespaces/{RUNTIME}/secrets", secret),
+    ):
+        status, reply = cluster.api("POST", path, body)
+        assert status in (201, 409), reply
+    files = [
+        f"{SERVICE_ACCOUNT_DIR}/token",
+        f"{SERVICE_ACCOUNT_DIR}/ca.crt",
+        f"{SERVICE_ACCOUNT_DIR}/namespace",
+        f"{POD_MOUNTS}/settings/mode",
+        f"{POD_MOUNTS}/password/password",
+        f"{POD_MOUNTS}/about/pod-name",
+    ]
+    pod_body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "volumes"},
+        "spec": {
+            "nodeName": cluster.nodes[1].name,
+            "serviceAccountName": "reader",
+            "automountServiceAccountToken": False,
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "none",
+                    "command": ["python", "-c", VOLUME_PROGRAM, *files],
+                    "volumeMounts": [
+                        {"name": "api", "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True},
+                        {"name": "settings", "mountPath": f"{POD_MOUNTS}/settings"},
+                        {"name": "password", "mountPath": f"{POD_MOUNTS}/password"},
+                        {"name": "about", "mountPath": f"{POD_MOUNTS}/about"},
+                    ],
+                }
+            ],
+            "volumes": [
+                {
+                    "name": "api",
+                    "projected": {
+                        "sources": [
+                            {
+                                "serviceAccountToken": {
+                                    "path": "token",
+                                    "audience": "e2e",
+                                    "expirationSeconds": 600,
+                                }
+                            },
+                            {
+                                "configMap": {
+                                    "name": "kube-root-ca.crt",
+                                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                                }
+                            },
+                            {
+                                "downwardAPI": {
+                                    "items": [
+                                        {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}
+                                    ]
+                                }
+                            },
+                        ]
+                    },
+                },
+                {"name": "settings", "configMap": {"name": "settings"}},
+                {"name": "password", "secret": {"secretName": "password"}},
+                {
+                    "name": "about",
+                    "downwardAPI": {
+                        "items": [{"path": "pod-name", "fieldRef": {"fieldPath": "metadata.name"}}]
+                    },
+                },
+            ],
+        },
+    }
+    status, reply = cluster.api("POST", f"/api/v1/namespaces/{RUNTIME}/pods", pod_body)
+    assert status == 201, reply
+    pod = cluster.wait_pod_running("volumes", RUNTIME)
+    try:
+        assert eventually(lambda: cluster.pod_log(pod).startswith("{"), 20), cluster.pod_log(pod)
+        seen = json.loads(cluster.pod_log(pod).splitlines()[0])
+        claims = jwt_claims(seen[f"{SERVICE_ACCOUNT_DIR}/token"])
+        assert claims["aud"] == ["e2e"]
+        assert claims["sub"] == f"system:serviceaccount:{RUNTIME}:reader"
+        assert claims["kubernetes.io"]["pod"] == {"name": "volumes", "uid": pod.uid}
+        assert claims["exp"] - claims["iat"] == 600
+        root_ca = get(cluster, f"/api/v1/namespaces/{RUNTIME}/configmaps/kube-root-ca.crt")["data"]["ca.crt"]
+        assert seen[f"{SERVICE_ACCOUNT_DIR}/ca.crt"] == root_ca
+        assert seen[f"{SERVICE_ACCOUNT_DIR}/namespace"] == RUNTIME
+        assert seen[f"{POD_MOUNTS}/settings/mode"] == "on"
+        assert seen[f"{POD_MOUNTS}/password/password"] == "hunter2"
+        assert seen[f"{POD_MOUNTS}/about/pod-name"] == "volumes"
+        # The mounts live in the pod's own mount namespace only.
+        assert not Path(SERVICE_ACCOUNT_DIR, "token").exists()
+        assert not Path(f"{POD_MOUNTS}/settings/mode").exists()
+    finally:
+        cluster.delete_pod(pod)
+
+
+def test_a_readiness_probe_decides_ready_both_ways(cluster: Cluster, tmp_path: Path) -> None:
+    healthy = tmp_path / "healthy"
+    cluster.ensure_namespace(RUNTIME)
+    pod_body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probed"},
+        "spec": {
+            "nodeName": cluster.nodes[0].name,
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "none",
+                    "command": ["python", "-c", PROBED_PROGRAM, str(healthy)],
+                    "ports": [{"name": "health", "containerPort": 8080}],
+                    "readinessProbe": {
+                        "httpGet": {"path": "/", "port": "health"},
+                        "periodSeconds": 1,
+                        "failureThreshold": 2,
+                    },
+                }
+            ],
+        },
+    }
+    status, reply = cluster.api("POST", f"/api/v1/namespaces/{RUNTIME}/pods", pod_body)
+    assert status == 201, reply
+    pod = cluster.wait_pod_running("probed", RUNTIME)
+    path = f"/api/v1/namespaces/{RUNTIME}/pods/probed"
+    try:
+        # Running, serving 503: the probe runs every second, and Ready must stay false throughout.
+        assert not eventually(lambda: is_ready(get(cluster, path)), 4), "Ready without a passing probe"
+        healthy.touch()
+        assert eventually(lambda: is_ready(get(cluster, path)), 10), "Ready did not follow a passing probe"
+        healthy.unlink()
+        assert eventually(lambda: not is_ready(get(cluster, path)), 10), "Ready outlived failing probes"
+    finally:
+        cluster.delete_pod(pod)
+
+
+# The product, installed from manifests/
+
+
+def test_the_daemonset_runs_one_ready_agent_on_every_node(cluster: Cluster, installed: list[Object]) -> None:
+    pods = agent_pods(cluster)
+    assert sorted(pod["spec"]["nodeName"] for pod in pods) == sorted(node.name for node in cluster.nodes)
+    for pod in pods:
+        assert pod["spec"]["hostNetwork"] is True
+        assert is_ready(pod), pod["status"]
+        node = cluster.node(pod["spec"]["nodeName"])
+        assert pod["status"]["podIP"] == node.ip
+        # The probe the kubelet ran is the agent's own readiness endpoint on the node's address.
+        assert http_get(node.netns, node.ip, READINESS_PORT, "/healthz/ready")[0] == 200
+    # The CA ran with its token from the projected volume, so the trust bundle is published.
+    bundle = get(cluster, f"/api/v1/namespaces/{RELEASE_NAMESPACE}/configmaps/ambient-agent-trust-bundle")
+    assert "BEGIN CERTIFICATE" in "".join((bundle.get("data") or {}).values())
+
+
+@pytest.fixture(scope="module")
+def shop(cluster: Cluster, installed: list[Object]) -> Iterator[tuple[PodHandle, PodHandle]]:
+    node1, node2 = cluster.nodes[:2]
+    echo = ["python", "-m", "agent.testing.echo", "--port", str(ECHO_PORT)]
+    server = cluster.create_pod(
+        "server", SHOP, node2, command=echo, labels={"app": "server"}, service_account="server"
+    )
+    client = cluster.create_pod("client", SHOP, node1, labels={"app": "client"}, service_account="client")
+    yield client, server
+    for pod in (client, server):
+        cluster.delete_pod(pod, wait=False)
+
+
+def test_a_labelled_namespace_talks_over_mutual_tls_across_nodes(
+    cluster: Cluster, shop: tuple[PodHandle, PodHandle]
+) -> None:
+    client, server = shop
+    label_namespace(cluster, SHOP, AMBIENT)
+    assert eventually(lambda: all(redirection(cluster, pod) == "enabled" for pod in (client, server)), 30), (
+        "the shop's pods were not reported enrolled by the DaemonSet's agents"
+    )
+    result = talk(cluster, client, server.ip, ECHO_PORT, "--send", "ping", "--retry-for", "10")
+    assert peer_seen(result) == client.ip, result.stdout + result.stderr
+
+    def mtls_opened() -> float:
+        status, text = http_get(server.node.netns, server.node.ip, METRICS_PORT, "/metrics")
+        assert status == 200, text
+        return tcp_opened(
+            text,
+            reporter="destination",
+            source_workload=client.name,
+            source_principal=f"spiffe://cluster.local/ns/{SHOP}/sa/client",
+            destination_workload=server.name,
+            connection_security_policy="mutual_tls",
+        )
+
+    assert eventually(lambda: mtls_opened() >= 1, 10), (
+        "the destination agent counted no mutual_tls connection"
+    )
+
+
+def test_uninstall_leaves_the_nodes_clean(cluster: Cluster, installed: list[Object]) -> None:
+    before = {node.name: capture_state(cluster, node) for node in cluster.nodes}
+    for tables, rules, routes in before.values():
+        assert "ambient_agent" in tables, tables
+        assert "0x111" in rules, rules
+        assert "local default" in routes, routes
+    uninstall(cluster, installed)
+    for node in cluster.nodes:
+        remove_capture(cluster, node)
+        tables, rules, routes = capture_state(cluster, node)
+        assert "ambient_agent" not in tables, tables
+        assert "0x111" not in rules, rules
+        assert routes.strip() == "", routes
