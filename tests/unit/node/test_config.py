@@ -19,13 +19,15 @@ from agent.node.config import StaticConfigError, load_static_config
 from agent.state import Action, Address, MtlsMode
 
 NOW = datetime.now(UTC)
+"""The one instant of this module: certificates are issued and checked at it, so a slow collection
+(e2e tests run first in `make test`) cannot make them "not yet valid"."""
 CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/demo/sa/server"
 
 
 @pytest.fixture(scope="module")
 def ca() -> EphemeralCa:
-    return EphemeralCa.create()
+    return EphemeralCa.create(now=NOW)
 
 
 def write_credential(directory: Path, name: str, certificate: WorkloadCertificate) -> dict[str, str]:
@@ -41,7 +43,7 @@ def document(directory: Path, ca: EphemeralCa) -> dict[str, Any]:
         "trustDomain": "cluster.local",
         "nodeName": "node-1",
         "trustBundle": "bundle.pem",
-        "certificates": [write_credential(directory, "client", ca.issue(CLIENT_ID))],
+        "certificates": [write_credential(directory, "client", ca.issue(CLIENT_ID, now=NOW))],
         "workloads": [
             {
                 "name": "client",
@@ -204,7 +206,7 @@ def _replace_certificate(issue: Callable[[EphemeralCa], WorkloadCertificate]) ->
 
 
 def _mismatched_key(content: dict[str, Any], directory: Path, ca: EphemeralCa) -> None:
-    other = write_credential(directory, "other", ca.issue(SERVER_ID))
+    other = write_credential(directory, "other", ca.issue(SERVER_ID, now=NOW))
     content["certificates"][0]["key"] = other["key"]
 
 
@@ -214,7 +216,7 @@ def _garbage_key(content: dict[str, Any], directory: Path, _: EphemeralCa) -> No
 
 
 def _duplicate_certificate(content: dict[str, Any], directory: Path, ca: EphemeralCa) -> None:
-    content["certificates"].append(write_credential(directory, "again", ca.issue(CLIENT_ID)))
+    content["certificates"].append(write_credential(directory, "again", ca.issue(CLIENT_ID, now=NOW)))
 
 
 @pytest.mark.parametrize(
@@ -254,7 +256,7 @@ def _duplicate_certificate(content: dict[str, Any], directory: Path, ca: Ephemer
             f"certificates[1].chain: {{dir}}/again.pem: a second certificate for {CLIENT_ID}",
         ),
         (
-            _replace_certificate(lambda ca: ca.issue("spiffe://elsewhere.local/ns/demo/sa/client")),
+            _replace_certificate(lambda ca: ca.issue("spiffe://elsewhere.local/ns/demo/sa/client", now=NOW)),
             "certificates[0].chain: {dir}/other.pem: names spiffe://elsewhere.local/ns/demo/sa/client,"
             " outside trust domain cluster.local",
         ),
@@ -263,7 +265,7 @@ def _duplicate_certificate(content: dict[str, Any], directory: Path, ca: Ephemer
             "certificates[0].chain: {dir}/other.pem: valid only",
         ),
         (
-            _replace_certificate(lambda _: EphemeralCa.create().issue(CLIENT_ID)),
+            _replace_certificate(lambda _: EphemeralCa.create(now=NOW).issue(CLIENT_ID, now=NOW)),
             "certificates[0].chain: {dir}/other.pem: is not issued by a root of the trust bundle",
         ),
     ],
