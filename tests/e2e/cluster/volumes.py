@@ -21,11 +21,13 @@ import base64
 import contextlib
 import os
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.e2e.cluster.kubeapi import JsonObject, KubeApi
+from tests.e2e.cluster.layout import REPO_ROOT
 
 REFRESH_SECONDS = 60.0
 """How often volumes are rewritten; tokens live at least 600 s (the API's minimum), so this rotates them
@@ -51,8 +53,23 @@ class Mount:
 
 
 def mount_command(mounts: list[Mount], argv: list[str]) -> list[str]:
-    """argv run in a private mount namespace where `mounts` are in place."""
+    """argv run in a private mount namespace where `mounts` are in place.
+
+    The image is ignored, so pods run the project's own code and interpreter from the host: a
+    volume mounted over an ancestor of those (an emptyDir at /tmp while the checkout lives in /tmp,
+    as on CI) would hide them. They are opened before the volumes are mounted and bound back at
+    their own paths afterwards (`--no-canonicalize`, so the /proc/self/fd link is not resolved to
+    the now-hidden path).
+    """
     steps = ["set -e"]
+    targets = [Path(mount.target) for mount in mounts]
+    hidden = [
+        keep
+        for keep in _host_paths_pods_need()
+        if any(keep == target or target in keep.parents for target in targets)
+    ]
+    for fd, keep in enumerate(hidden, start=_FIRST_KEEP_FD):
+        steps.append(f"exec {fd}<{shlex.quote(str(keep))}")
     for mount in mounts:
         source, target = shlex.quote(str(mount.source)), shlex.quote(mount.target)
         if mount.source.is_dir():
@@ -62,8 +79,21 @@ def mount_command(mounts: list[Mount], argv: list[str]) -> list[str]:
         steps.append(f"mount --bind {source} {target}")
         if mount.read_only:
             steps.append(f"mount -o remount,bind,ro {target}")
+    for fd, keep in enumerate(hidden, start=_FIRST_KEEP_FD):
+        path = shlex.quote(str(keep))
+        steps.append(
+            f"mkdir -p {path}; mount --no-canonicalize --bind /proc/self/fd/{fd} {path}; exec {fd}<&-"
+        )
     steps.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(steps), "sh", *argv]
+
+
+_FIRST_KEEP_FD = 3
+
+
+def _host_paths_pods_need() -> list[Path]:
+    """The checkout (code and venv) and the interpreter's installation, which pod commands run from."""
+    return [REPO_ROOT, Path(sys.base_prefix).resolve()]
 
 
 class PodVolumes:
