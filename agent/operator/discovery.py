@@ -9,12 +9,16 @@ snapshot after each burst of changes (a short batching window keeps a 1,000-pod 
 building 1,000 snapshots).
 
 The pod trim keeps exactly the fields `agent.state.kube.parse_pod` reads; everything else of a pod
-(most of its 4.6 KB) is dropped as it arrives, and the trimmed pod itself once parsed.
+(most of its 4.6 KB) is dropped as it arrives, and the trimmed pod itself once parsed. Pods with
+equal label maps, port maps or node IPs share one object of each, and the heap's free pages go back
+to the system after the first sync (memory figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import sys
@@ -36,6 +40,7 @@ from agent.operator.watch import (
 )
 from agent.state import (
     AuthorizationPolicy,
+    IPAddress,
     MeshConfig,
     ParseError,
     PeerAuthentication,
@@ -69,6 +74,43 @@ def _shared(value: Any) -> Any:
     """One string object for text that thousands of pods repeat (namespaces, nodes, labels): 50,000
     decoded pods would otherwise hold 50,000 copies of each."""
     return sys.intern(value) if isinstance(value, str) else value
+
+
+_SHARED_VALUES_LIMIT = 100_000
+"""Distinct label sets, port maps and node IPs remembered for sharing; past it the memory starts
+afresh (pods already indexed keep theirs), so unique values (a label written per change) cannot
+grow it forever."""
+
+
+@dataclass
+class _SharedValues:
+    """One object for each distinct label map, named-port map and node IP that pods repeat: the
+    pods of a deployment have equal ones, which would otherwise cost ~0.4 KB per pod."""
+
+    _mappings: dict[tuple[tuple[str, str | int], ...], Mapping[str, Any]] = field(default_factory=dict)
+    _ips: dict[IPAddress, IPAddress] = field(default_factory=dict)
+
+    def workload(self, workload: Workload) -> Workload:
+        """`workload` with its label map, port map and node IP replaced by equal shared ones."""
+        if len(self._mappings) + len(self._ips) > _SHARED_VALUES_LIMIT:
+            self._mappings.clear()
+            self._ips.clear()
+        labels = self._mappings.setdefault(tuple(workload.labels.items()), workload.labels)
+        ports = self._mappings.setdefault(tuple(workload.named_ports.items()), workload.named_ports)
+        node_ip = self._ips.setdefault(workload.node_ip, workload.node_ip)
+        if labels is workload.labels and ports is workload.named_ports and node_ip is workload.node_ip:
+            return workload
+        return replace(workload, labels=labels, named_ports=ports, node_ip=node_ip)
+
+
+def _release_free_heap() -> None:
+    """Hands the C heap's free pages back to the system (glibc `malloc_trim`): decoding the first
+    LIST leaves tens of MB free but held in the heap (docs/benchmarks.md). A no-op without glibc."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def trim_pod(pod: JsonObject) -> JsonObject:
@@ -126,6 +168,7 @@ class ClusterIndex:
     _keys: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     """Keys of the services and policies held, by watched path (what a relist may have to remove)."""
     _namespace_labels: dict[str, Mapping[str, str]] = field(default_factory=dict)
+    _shared_values: _SharedValues = field(default_factory=_SharedValues)
     _version: int = 0
 
     def __post_init__(self) -> None:
@@ -181,7 +224,7 @@ class ClusterIndex:
         labels = self._namespace_labels.get(_namespace_of(key), {})
         parsed = parse_pod(pod, namespace_labels=labels, exclude=self.exclude)
         if isinstance(parsed, Workload):
-            self._builder.put_workload(key, parsed)
+            self._builder.put_workload(key, self._shared_values.workload(parsed))
             return
         self._builder.remove_workload(key)
         if isinstance(parsed, ParseError):
@@ -312,4 +355,5 @@ class Discovery:
                     # on a busy node (docs/benchmarks.md). Freezing them once keeps collections to
                     # what comes later; they are still freed by reference counting.
                     gc.freeze()
+                    _release_free_heap()
                     frozen = True

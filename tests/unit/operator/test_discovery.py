@@ -134,3 +134,17 @@ def test_a_relist_removes_what_it_no_longer_lists() -> None:
     assert not snapshot.services_by_address
     assert index.namespace_labels("demo") == {}
     assert not kept.enrolled  # its namespace, and with it the enrolling label, is gone
+
+
+def test_pods_with_equal_labels_ports_and_node_share_one_object_of_each() -> None:
+    index = ClusterIndex()
+    for name, pod_ip in (("web-1", "10.244.1.5"), ("web-2", "10.244.1.6")):
+        index.apply(Upserted(PODS, f"demo/{name}", trim_pod(full_pod(name, pod_ip))))
+    snapshot = index.snapshot(created_at=0)
+    first, second = snapshot.workload(ip("10.244.1.5")), snapshot.workload(ip("10.244.1.6"))
+    assert first is not None
+    assert second is not None
+    assert first.labels is second.labels
+    assert first.named_ports is second.named_ports
+    assert first.named_ports == {"http": 8080}
+    assert first.node_ip is second.node_ip
