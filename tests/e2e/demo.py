@@ -25,7 +25,6 @@ from tests.e2e.kube_mesh import (
     AMBIENT,
     KubeMesh,
     agent_log_lines,
-    eventually,
     label_namespace,
     peer_seen,
     redirection,
@@ -33,7 +32,7 @@ from tests.e2e.kube_mesh import (
     talk,
     tcp_opened,
 )
-from tests.e2e.mesh import ADMIN_PORT, METRICS_PORT
+from tests.e2e.mesh import ADMIN_PORT, METRICS_PORT, eventually
 
 NAMESPACE = "demo"
 ECHO_PORT = 8080

@@ -11,8 +11,7 @@ import itertools
 import json
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,16 +157,6 @@ def events(cluster: Cluster, namespace: str, kind: str, name: str) -> list[dict[
     assert status == 200, body
     found: list[dict[str, Any]] = body["items"]
     return found
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.2) -> bool:
-    """Whether `condition` holds within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def talk(

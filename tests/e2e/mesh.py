@@ -18,7 +18,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,3 +224,13 @@ def start_agent(
 def remove_capture(cluster: Cluster, node: NodeHandle) -> None:
     """`ambient-agent cleanup` in the node: the agent leaves its capture installed when it stops."""
     cluster.run_in(node.netns, ["python", "-m", "agent", "cleanup"])
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.2) -> bool:
+    """Whether `condition` holds within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

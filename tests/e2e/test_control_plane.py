@@ -29,7 +29,6 @@ from tests.e2e.kube_mesh import (
     KubeMesh,
     agent_log_lines,
     events,
-    eventually,
     label_namespace,
     peer_seen,
     redirection,
@@ -37,7 +36,7 @@ from tests.e2e.kube_mesh import (
     talk,
     tcp_opened,
 )
-from tests.e2e.mesh import sockets_in
+from tests.e2e.mesh import eventually, sockets_in
 
 SHOP = "cp-shop"
 """Enrolled by its namespace label (most tests)."""
@@ -454,10 +453,12 @@ def test_an_api_server_outage_breaks_neither_open_nor_new_connections(mesh: Kube
         open_connection.sendall(b"after the outage\n")
         assert open_connection.recv(100) == b"after the outage\n"
 
-    # The watchers caught up: a pod created now is enrolled and served.
+    # The watchers caught up: a pod created now is enrolled and served. Each agent's watchers
+    # reconnect after their own jittered backoff (up to 30 s), so the destination's agent may learn
+    # the new pod, and accept its IP as the tunnel's client, a little after the source's does.
     late = cluster.create_pod("late", SHOP, client.node, service_account="late")
     try:
         assert eventually(lambda: redirection(cluster, late) == "enabled", 90)
-        assert reaches(cluster, late, server.ip)
+        assert eventually(lambda: reaches(cluster, late, server.ip), 45)
     finally:
         cluster.delete_pod(late, wait=False)

@@ -19,7 +19,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from tests.e2e.mesh import (
     READINESS_PORT,
     Agent,
     MeshWorkload,
+    eventually,
     http_get,
     remove_capture,
     sockets_in,
@@ -172,16 +173,6 @@ def echo_connections(mesh: Mesh, pod: PodHandle) -> int:
 
 ACCEPTED = re.compile(r" connection from \S+ \d+$", re.MULTILINE)
 """The echo server's line for an accepted connection (not the one saying how it ended)."""
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """Whether `condition` holds within `timeout` seconds (checked every 0.2 s)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 # Bytes both ways, the client's address, half-close.

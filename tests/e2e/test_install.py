@@ -31,14 +31,13 @@ import pytest
 from tests.e2e.cluster import Cluster, NodeHandle, PodHandle
 from tests.e2e.kube_mesh import (
     AMBIENT,
-    eventually,
     label_namespace,
     peer_seen,
     redirection,
     talk,
     tcp_opened,
 )
-from tests.e2e.mesh import METRICS_PORT, READINESS_PORT, http_get, remove_capture
+from tests.e2e.mesh import METRICS_PORT, READINESS_PORT, eventually, http_get, remove_capture
 from tests.e2e.test_manifests import Object, apply, as_served_by_1_20, kubectl, manifest_objects
 
 RELEASE_NAMESPACE = "ambient-system"
