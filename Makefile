@@ -48,7 +48,7 @@ unit: setup ## run the unit tests
 e2e: control-plane ## run the end-to-end tests on the local network-namespace cluster (root)
 	$(PYTEST) -q tests/e2e
 
-test: control-plane ## run every test: unit and e2e
+test: control-plane lint ## run every check: lint, unit and e2e tests
 	$(PYTEST) -q tests
 
 lint: setup ## ruff, mypy --strict on agent/, import-linter layering contracts

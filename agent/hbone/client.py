@@ -70,10 +70,7 @@ class HboneClientConnection(HboneConnection):
         """Takes bytes read from the transport; returns what they mean. Never raises on a peer's
         bytes: a protocol violation is a `ConnectionFailed` event."""
         events: list[ClientEvent] = []
-        emit = events.append
-        for h2_event in self._receive_h2_events(data, emit):
-            self._handlers[type(h2_event)](h2_event, emit)
-        self._receive_set_aside_goaways(emit)
+        self._receive(data, events.append)
         return events
 
     def _on_response(self, event: h2e.ResponseReceived, emit: Callable[[ClientEvent], None]) -> None:

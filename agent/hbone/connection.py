@@ -3,20 +3,37 @@ sending within the peer's flow-control windows (holding back the rest per stream
 back only as the application consumes, resets, GOAWAY, and turning h2's failures into values.
 
 Sans-IO: bytes in through `receive_data`, bytes out through `data_to_send`; no sockets, no clocks.
+
+The DATA fast path. A tunnel's bytes are nearly all plain DATA frames on open streams, and h2 costs
+several copies and a few dozen Python calls per frame (its frame buffer accumulates each frame
+before parsing it, then copies the payload twice more). So this module splits the received byte
+stream into frames itself: a DATA frame on a stream that h2 would accept as it is (open for
+receiving, no END_STREAM, no padding, within both windows, no header block in progress) has its
+payload handed out as it arrives, in pieces, with h2's window accounting done exactly as h2 does it;
+every other frame (HEADERS, SETTINGS, WINDOW_UPDATE, RST_STREAM, PING, GOAWAY, DATA with flags or
+on a stream in any other state, anything malformed) goes to h2 whole, in order. Sending, a DATA frame
+on a stream h2 would let send is framed here and accounted in h2's windows, after whatever h2 had
+queued. h2 stays the single owner of stream states and windows; the fast path only reads them and
+consumes window the way h2's own DATA handling does (`_h2_internals_present` names the h2 internals
+it touches; the fast path turns itself off if they are missing).
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import h2.events as h2e
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
-from h2.exceptions import FrameTooLargeError, ProtocolError
+from h2.exceptions import ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame
+from h2.stream import H2Stream, StreamState
+from h2.windows import WindowManager
+from hyperframe.frame import Frame, GoAwayFrame
 
 from agent.hbone.config import HTTP2_MIN_WINDOW, HboneSettings
 from agent.hbone.errors import ErrorCode, HboneUsageError
@@ -44,26 +61,77 @@ CommonEvent = (
 Emit = Callable[[CommonEvent], None]
 """Where a handler appends the events it produces (the `append` of the caller's event list)."""
 
+H2Handler = Callable[[Any, Any], None]
+"""Turns one h2 event into this side's events: `(event, emit)`."""
+
+_PAYLOAD_LEFT_AS_IS = 16_384
+"""Outbound parts at least this large (DATA payloads) are handed on as they are rather than joined
+to their neighbours: the copy would cost more than the record boundary a TLS layer puts there."""
+
+FRAME_HEADER = struct.Struct(">BHBBL")
+"""An HTTP/2 frame header (RFC 9113 4.1): length as 8 + 16 bits, type, flags, R bit + stream id."""
+
+PREFACE_SIZE = 24
+"""Length of the client connection preface (RFC 9113 3.4) that precedes the client's first frame."""
+
+_DATA = 0x0
+_HEADERS = 0x1
+_PUSH_PROMISE = 0x5
+_CONTINUATION = 0x9
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_PADDED = 0x8
+_STREAM_ID_MASK = 0x7FFF_FFFF
+
+# Stream states compared by identity: an Enum's hash is a Python-level call, and these checks run
+# for every DATA frame.
+_OPEN = StreamState.OPEN
+_HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
+"""With OPEN, the states in which h2 accepts a DATA frame (any other is an error h2 reports)."""
+
+
+def _h2_internals_present() -> bool:
+    """Whether h2 has the internals the DATA fast path uses (checked once, on a real connection).
+
+    h2 has no public way to consume receive window for a frame it did not parse. The fast path uses
+    what h2's own `_receive_data_frame` and `H2Stream.receive_data` use: the connection's
+    `_inbound_flow_control_window_manager` and each stream's `_inbound_window_manager`
+    (`WindowManager.current_window_size`), the stream's `_expected_content_length` (bodies h2
+    checks against a content-length) and `state_machine` (`state`, `headers_received`). If an h2
+    release renamed them, the fast path stays off and every frame goes through h2.
+    """
+    h2 = H2Connection(H2Configuration(client_side=True))
+    h2.initiate_connection()
+    h2.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"probe:1")])
+    stream = h2.streams[1]
+    try:
+        return (
+            isinstance(h2._inbound_flow_control_window_manager, WindowManager)
+            and isinstance(stream._inbound_window_manager, WindowManager)
+            and isinstance(stream._inbound_window_manager.current_window_size, int)
+            and stream._expected_content_length is None
+            and stream.state_machine.state is _OPEN
+            and not stream.state_machine.headers_received
+        )
+    except AttributeError:
+        return False
+
 
 def _payload_not_formatted() -> str:
     return "<payload not formatted>"
 
 
 class _ReceiveFrameBuffer(FrameBuffer):
-    """h2's frame parser, changed in two ways on the receive path.
+    """h2's frame parser, changed in two ways for the frames that reach h2.
 
     GOAWAY frames are set aside instead of reaching h2: h2 4.4 moves the whole connection to CLOSED
     on a GOAWAY, sent or received, after which the streams the GOAWAY lets finish (RFC 9113 6.8)
     could neither send nor receive.
 
-    A frame header announcing more than the max frame size fails at once: h2 checks only after
-    the whole frame arrived, so an HTTP/1.1 answer (its first bytes read as a 4.7 MB frame) would
-    wait for megabytes that never come instead of failing the connection.
-
-    DATA frames get a constant body repr: h2 formats `repr(frame)` of every received frame for a
-    trace log even when nothing logs (a no-op logger does not help: the argument is built first),
-    and a DATA frame's repr copies and hex-encodes its whole payload (FACTS.md: 45% of receive CPU
-    with 1 MiB frames).
+    Frames get a constant body repr: h2 formats `repr(frame)` of every received frame for a trace
+    log even when nothing logs (a no-op logger does not help: the argument is built first), and a
+    body's repr hex-encodes it (for DATA its whole payload: FACTS.md, 45% of receive CPU with 1 MiB
+    frames before the fast path; for HEADERS the header block, on every new tunnel).
     """
 
     def __init__(self, *, server: bool) -> None:
@@ -71,15 +139,11 @@ class _ReceiveFrameBuffer(FrameBuffer):
         self.goaway_frames: list[GoAwayFrame] = []
 
     def __next__(self) -> Frame:
-        header = self._data[:3]
-        if len(header) == 3 and int.from_bytes(header) > self.max_frame_size:
-            raise FrameTooLargeError(f"frame of {int.from_bytes(header)} bytes announced")
         frame = super().__next__()
         while isinstance(frame, GoAwayFrame):
             self.goaway_frames.append(frame)
             frame = super().__next__()
-        if isinstance(frame, DataFrame):
-            frame._body_repr = _payload_not_formatted  # type: ignore[method-assign]
+        frame._body_repr = _payload_not_formatted  # type: ignore[method-assign]
         return frame
 
 
@@ -109,6 +173,12 @@ class HboneConnection:
     releases whatever the stream still owed.
     """
 
+    data_fast_path = _h2_internals_present()
+    """Whether plain DATA frames bypass h2 (see the module docstring); False: h2 handles every frame."""
+
+    _handlers: dict[type[h2e.Event], H2Handler]
+    """Each side's handler of every h2 event `receive_data` can meet."""
+
     def __init__(self, settings: HboneSettings, *, client_side: bool) -> None:
         self._settings = settings
         self._h2 = H2Connection(
@@ -119,6 +189,10 @@ class HboneConnection:
                 # instead of h2 closing the whole connection with a ProtocolError.
                 validate_inbound_headers=False,
                 normalize_inbound_headers=False,
+                # What this side sends is built by agent.hbone.request from validated values (and
+                # checked by its tests); h2's per-header checks cost a third of opening a tunnel.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         initial_settings = {
@@ -142,9 +216,17 @@ class HboneConnection:
         self._unacknowledged: dict[int, int] = {}
         """Flow-controlled bytes delivered per stream and not yet acknowledged; outlives the
         stream when it ended normally, since the application may still be writing them on."""
-        self._sent_before_h2 = b""
-        """Bytes to send ahead of h2's output: a GOAWAY h2 must not know about (see
-        `_ReceiveFrameBuffer`) and whatever h2 had queued before it."""
+        self._outbound: list[bytes | memoryview] = []
+        """Bytes to send that did not come from h2 (fast-path DATA frames, a GOAWAY h2 must not
+        know about), each after whatever h2 had queued when it was added."""
+        self._partial = bytearray()
+        """The received start of a frame whose rest has not arrived: a header, or a frame for h2."""
+        self._payload_stream = 0
+        self._payload_left = 0
+        """Bytes of the fast-path DATA frame being received (on `_payload_stream`) still to come."""
+        self._preface_left = 0 if client_side else PREFACE_SIZE
+        self._in_header_block = False
+        """A HEADERS or PUSH_PROMISE went to h2 without END_HEADERS: CONTINUATION frames must follow."""
         self._closed = False
         self._peer_going_away = False
 
@@ -165,10 +247,31 @@ class HboneConnection:
 
     def data_to_send(self) -> bytes:
         """The bytes to write on the transport now (possibly empty)."""
-        if self._sent_before_h2:
-            data, self._sent_before_h2 = self._sent_before_h2 + self._h2.data_to_send(), b""
-            return data
-        return self._h2.data_to_send()
+        return b"".join(self.data_to_send_parts())
+
+    def data_to_send_parts(self) -> list[bytes | memoryview]:
+        """The bytes to write on the transport now, as parts to write in order (possibly none):
+        what `data_to_send` joins, except that large DATA payloads are not copied next to the
+        rest (a TLS layer can take them as they are, at the cost of a record boundary)."""
+        outbound = self._outbound
+        if queued := self._h2.data_to_send():
+            outbound.append(queued)
+        self._outbound = []
+        if len(outbound) < 2:
+            return outbound
+        parts: list[bytes | memoryview] = []
+        small: list[bytes | memoryview] = []
+        for part in outbound:
+            if len(part) < _PAYLOAD_LEFT_AS_IS:
+                small.append(part)
+                continue
+            if small:
+                parts.append(b"".join(small))
+                small = []
+            parts.append(part)
+        if small:
+            parts.append(b"".join(small))
+        return parts
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Sends tunnel bytes; returns how many bytes the stream now holds back for lack of peer
@@ -249,14 +352,136 @@ class HboneConnection:
 
     # Receiving.
 
-    def _receive_h2_events(self, data: bytes | memoryview, emit: Emit) -> list[h2e.Event]:
+    def _receive(self, data: bytes | memoryview, emit: Emit) -> None:
+        """Splits received bytes into frames: payloads of fast-path DATA frames are delivered as
+        they arrive, every other frame goes to h2 once complete. Keeps no reference to `data`."""
         if self._closed:
-            return []
+            return
+        view = memoryview(data)
+        end = len(view)
+        position = 0
+        if self._preface_left:
+            position = min(self._preface_left, end)
+            self._preface_left -= position
+            self._receive_by_h2(view[:position], emit)
+        while position < end and not self._closed:
+            if self._payload_left:
+                size = min(self._payload_left, end - position)
+                self._payload_left -= size
+                self._deliver(self._payload_stream, view[position : position + size], emit)
+                position += size
+            elif self._partial:
+                position = self._continue_partial_frame(view, position, emit)
+            elif end - position < FRAME_HEADER.size:
+                self._partial += view[position:]
+                position = end
+            else:
+                length = self._frame_header(view, position, emit)
+                if length is None:
+                    position += FRAME_HEADER.size  # the payload (if any) passes through as it arrives
+                elif end - position >= FRAME_HEADER.size + length:
+                    frame_end = position + FRAME_HEADER.size + length
+                    self._receive_by_h2(view[position:frame_end], emit)
+                    position = frame_end
+                else:
+                    self._partial += view[position:]
+                    position = end
+
+    def _continue_partial_frame(self, view: memoryview, position: int, emit: Emit) -> int:
+        """Adds the bytes of `view` from `position` that the partial frame still lacks, and hands
+        the frame on once complete. Returns the position after what it took."""
+        partial = self._partial
+        if len(partial) < FRAME_HEADER.size:
+            taken = min(FRAME_HEADER.size - len(partial), len(view) - position)
+            partial += view[position : position + taken]
+            position += taken
+            if len(partial) < FRAME_HEADER.size:
+                return position
+            if self._frame_header(partial, 0, emit) is None:
+                partial.clear()
+                return position
+        high, low, _, _, _ = FRAME_HEADER.unpack_from(partial)
+        frame_size = FRAME_HEADER.size + (high << 16 | low)
+        taken = min(frame_size - len(partial), len(view) - position)
+        partial += view[position : position + taken]
+        position += taken
+        if len(partial) == frame_size:
+            frame = bytes(partial)
+            partial.clear()
+            self._receive_by_h2(frame, emit)
+        return position
+
+    def _frame_header(self, buffer: memoryview | bytearray, offset: int, emit: Emit) -> int | None:
+        """Decides about the frame whose header starts at `offset`: its payload length when the
+        whole frame is for h2; None when it is a fast-path DATA frame (now being received) or too
+        large (the connection failed)."""
+        high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(buffer, offset)
+        length: int = high << 16 | low
+        if length > self._h2.max_inbound_frame_size:
+            # h2 would first wait for the whole frame: an HTTP/1.1 answer (its first bytes read as
+            # a 4.7 MB frame) would then wait for megabytes that never come.
+            emit(self._fail(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes announced"))
+            return None
+        if kind == _DATA:
+            if self._starts_fast_data(stream_id & _STREAM_ID_MASK, flags, length):
+                return None
+        elif kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+            self._in_header_block = not flags & _END_HEADERS
+        return length
+
+    def _starts_fast_data(self, stream_id: int, flags: int, length: int) -> bool:
+        """Takes a DATA frame past h2 if h2 would accept it as it is, consuming its length from
+        both receive windows as h2 would; False leaves the frame to h2 (and its errors)."""
+        if (
+            not self.data_fast_path
+            or flags & (_END_STREAM | _PADDED)
+            or self._in_header_block
+            or stream_id not in self._streams
+        ):
+            return False
+        stream = self._h2.streams.get(stream_id)
+        if stream is None:
+            return False
+        machine = stream.state_machine
+        state = machine.state
+        if (
+            (state is not _OPEN and state is not _HALF_CLOSED_LOCAL)
+            or not machine.headers_received
+            or stream._expected_content_length is not None
+        ):
+            return False
+        connection_window = self._h2._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if length > connection_window.current_window_size or length > stream_window.current_window_size:
+            return False  # a flow-control violation: h2 reports it
+        # What `WindowManager.window_consumed` does, its overflow check being the one just made.
+        connection_window.current_window_size -= length
+        stream_window.current_window_size -= length
+        self._payload_stream = stream_id
+        self._payload_left = length
+        return True
+
+    def _deliver(self, stream_id: int, payload: memoryview, emit: Emit) -> None:
+        """Hands on a piece of a fast-path DATA frame's payload (a copy: `payload` views the
+        caller's buffer); a stream reset meanwhile gets the window straight back."""
+        size = len(payload)
+        if stream_id in self._streams:
+            self._unacknowledged[stream_id] = self._unacknowledged.get(stream_id, 0) + size
+            emit(DataReceived(stream_id, payload.tobytes(), size))
+        else:
+            self._h2.acknowledge_received_data(size, stream_id)
+
+    def _receive_by_h2(self, data: bytes | memoryview, emit: Emit) -> None:
+        """Feeds whole frames (or the preface) to h2 and handles what they mean."""
         try:
-            return self._h2.receive_data(data)
+            events = self._h2.receive_data(data)
         except ProtocolError as error:
             emit(self._fail(ErrorCode.from_wire(int(error.error_code)), str(error) or type(error).__name__))
-            return []
+            return
+        handlers = self._handlers
+        for event in events:
+            handlers[type(event)](event, emit)
+        self._receive_set_aside_goaways(emit)
 
     def _fail(self, error_code: ErrorCode, detail: str) -> ConnectionFailed:
         self._closed = True
@@ -339,13 +564,30 @@ class HboneConnection:
     def _send_within_window(self, stream_id: int, data: bytes | memoryview) -> int:
         """Sends as much of `data` as the windows allow, in frames the peer accepts; returns how much."""
         h2 = self._h2
-        size = len(data)
-        window = h2.local_flow_control_window(stream_id)
+        stream = h2.streams.get(stream_id)
+        window = (
+            h2.local_flow_control_window(stream_id)  # raises h2's error for a stream it dropped
+            if stream is None
+            else min(h2.outbound_flow_control_window, stream.outbound_flow_control_window)
+        )
+        # A peer lowering its initial window can drive it negative.
+        allowed = max(0, min(len(data), window))
+        if not allowed:
+            return 0
         max_frame = h2.max_outbound_frame_size
-        if size <= window and size <= max_frame:
+        # A stream this side tracks and has not ended (`send_data` checked) is one h2 lets send on:
+        # whatever makes h2 close it (a reset either way, a refusal) untracks it at once. Only a
+        # closed connection (GOAWAY sent) is left to h2, which raises as it must.
+        if (
+            self.data_fast_path
+            and stream is not None
+            and h2.state_machine.state is not ConnectionState.CLOSED
+        ):
+            self._send_fast_data(stream, data, allowed, max_frame)
+            return allowed
+        if allowed == len(data) and allowed <= max_frame:
             h2.send_data(stream_id, data)
-            return size
-        allowed = max(0, min(size, window))  # a peer lowering its initial window can drive it negative
+            return allowed
         view = memoryview(data)
         offset = 0
         while offset < allowed:
@@ -353,6 +595,37 @@ class HboneConnection:
             h2.send_data(stream_id, view[offset:end])
             offset = end
         return allowed
+
+    def _send_past_h2(self, data: bytes) -> None:
+        """Queues bytes h2 does not produce, after everything h2 queued so far."""
+        self._take_h2_queue()
+        self._outbound.append(data)
+
+    def _take_h2_queue(self) -> None:
+        """Moves what h2 queued so far to the outbound bytes, ahead of what this side adds next."""
+        if queued := self._h2.data_to_send():
+            self._outbound.append(queued)
+
+    def _send_fast_data(self, stream: H2Stream, data: bytes | memoryview, size: int, max_frame: int) -> None:
+        """Frames the first `size` bytes of `data` (within both windows) as h2's `send_data` would,
+        accounting them in h2's send windows; whatever h2 had queued goes out first."""
+        self._take_h2_queue()
+        outbound = self._outbound
+        if isinstance(data, memoryview) and not isinstance(data.obj, bytes):
+            data = bytes(data[:size])  # a view of a buffer the caller may reuse before sending
+        stream_id = stream.stream_id
+        if size == len(data) and size <= max_frame:
+            outbound.append(FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id))
+            outbound.append(data)
+        else:
+            view = memoryview(data)
+            for offset in range(0, size, max_frame):
+                end = min(offset + max_frame, size)
+                length = end - offset
+                outbound.append(FRAME_HEADER.pack(length >> 16, length & 0xFFFF, _DATA, 0, stream_id))
+                outbound.append(view[offset:end])
+        self._h2.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
 
     def _flush(self, stream_id: int, stream: _Stream, emit: Emit) -> bool:
         """Sends what the stream held back, as far as the windows allow; True once all is sent."""

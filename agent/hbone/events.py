@@ -51,8 +51,9 @@ class MalformedTunnelRequest:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Tunnel bytes from the peer. Call `acknowledge_received_data(stream_id,
-    flow_controlled_length)` once they are consumed (written on), or the peer stops sending."""
+    """Tunnel bytes from the peer, in order; one DATA frame's payload may come in several of these,
+    as its bytes arrive. Call `acknowledge_received_data(stream_id, flow_controlled_length)` once
+    they are consumed (written on), or the peer stops sending."""
 
     stream_id: int
     data: bytes

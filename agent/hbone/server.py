@@ -54,10 +54,7 @@ class HboneServerConnection(HboneConnection):
         bytes: a malformed request is answered with 400 and reported as `MalformedTunnelRequest`,
         a protocol violation is a `ConnectionFailed` event."""
         events: list[ServerEvent] = []
-        emit = events.append
-        for h2_event in self._receive_h2_events(data, emit):
-            self._handlers[type(h2_event)](h2_event, emit)
-        self._receive_set_aside_goaways(emit)
+        self._receive(data, events.append)
         return events
 
     def accept(self, stream_id: int) -> bool:
@@ -84,8 +81,8 @@ class HboneServerConnection(HboneConnection):
         last_stream_id = self._h2.highest_inbound_stream_id
         self._drain_last_stream_id = last_stream_id
         goaway = GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=ErrorCode.NO_ERROR)
-        # h2 must not see this GOAWAY (it would stop all streams): send it ahead of h2's output.
-        self._sent_before_h2 += self._h2.data_to_send() + goaway.serialize()
+        # h2 must not see this GOAWAY (it would stop all streams): send it past h2, after its queue.
+        self._send_past_h2(goaway.serialize())
 
     def close(self, error_code: ErrorCode = ErrorCode.NO_ERROR) -> None:
         """Closes the connection now (GOAWAY); after `start_drain`, the GOAWAY names the same last

@@ -2,7 +2,9 @@
 
 `DataPlane` owns the three capture listeners (outbound 15001, inbound plaintext 15006, inbound
 HBONE 15008), serves every accepted connection in its own named task (a failing connection is
-logged and never takes its listener down), holds the current `Snapshot` (swapped atomically; inbound
+logged and never takes its listener down; the two plain-TCP listeners are served by the loop's own
+accept path, which hands over a connected transport, the HBONE one by `sock_accept` since its TLS
+identity is chosen per socket), holds the current `Snapshot` (swapped atomically; inbound
 connections that a new snapshot's policies deny are closed), and winds down gracefully on `drain`.
 
 It runs on one event loop (uvloop when the node process installs it); call every method on that
@@ -17,6 +19,7 @@ import asyncio
 import dataclasses
 import enum
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Mapping, Sequence
@@ -31,8 +34,16 @@ from agent.proxy.credentials import CredentialSource, CredentialUnavailable, Tls
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.outbound import OutboundProxy
 from agent.proxy.pool import HbonePool
+from agent.proxy.relay import TcpEnd, accept_tcp_end
 from agent.proxy.sessions import Sessions
-from agent.proxy.sockets import Address, SocketSetupError, original_destination, transparent_listener
+from agent.proxy.sockets import (
+    LISTEN_BACKLOG,
+    Address,
+    SocketSetupError,
+    disable_nagle,
+    original_destination,
+    transparent_listener,
+)
 from agent.proxy.tasks import OwnedTasks
 from agent.state import Snapshot
 
@@ -135,6 +146,7 @@ class DataPlane:
             sessions=self._sessions,
         )
         self._listeners: list[Listener] = []
+        self._servers: list[asyncio.Server] = []
         self.listening = False
         """Every listener is bound and accepting (readiness)."""
         metrics.snapshot_timestamp.set(snapshot.created_at)
@@ -161,9 +173,18 @@ class DataPlane:
         if self._listeners:
             raise RuntimeError("the data plane is already started")
         self._listeners = list(listeners) if listeners is not None else bind_listeners(self.settings)
+        loop = asyncio.get_running_loop()
         for listener in self._listeners:
-            where = Address.of(listener.sock.getsockname())
-            self._accepting.spawn(self._accept(listener), name=f"accept {listener.kind} {where}")
+            if listener.kind is ListenerKind.INBOUND_HBONE:
+                where = Address.of(listener.sock.getsockname())
+                self._accepting.spawn(self._accept(listener), name=f"accept {listener.kind} {where}")
+            else:
+                server = await loop.create_server(
+                    functools.partial(_CapturedConnection, self, listener.kind),
+                    sock=listener.sock,
+                    backlog=LISTEN_BACKLOG,
+                )
+                self._servers.append(server)
         self.listening = True
 
     def handle(self, kind: ListenerKind, sock: socket.socket, client: Address, destination: Address) -> None:
@@ -173,11 +194,29 @@ class DataPlane:
             self._serve(kind, sock, client, destination), name=f"{kind} {client} -> {destination}"
         )
 
+    def _captured(self, kind: ListenerKind, downstream: TcpEnd) -> None:
+        """Serves a connection a capture listener accepted (called as its transport comes up)."""
+        transport = downstream.transport
+        assert transport is not None
+        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        if not peer or not local:  # the client is gone already
+            downstream.abort()
+            return
+        client, destination = Address.of(peer), Address.of(local)
+        if (sock := transport.get_extra_info("socket")) is not None:
+            disable_nagle(sock)
+        self._tasks.spawn(
+            self._serve_captured(kind, downstream, client, destination),
+            name=f"{kind} {client} -> {destination}",
+        )
+
     async def drain(self) -> None:
         """Stops accepting, sends GOAWAY on served HBONE connections, lets open connections finish
         for up to `drain_deadline_s`, then aborts the rest (their clients get resets)."""
         self.listening = False
         await self._accepting.cancel()
+        for server in self._servers:
+            server.close()
         for listener in self._listeners:
             listener.sock.close()
         self.inbound.start_drain()
@@ -277,18 +316,46 @@ class DataPlane:
         self, kind: ListenerKind, sock: socket.socket, client: Address, destination: Address
     ) -> None:
         # The handlers own the socket from here on and close it on every path.
+        disable_nagle(sock)
+        try:
+            if kind is ListenerKind.INBOUND_HBONE:
+                await self.inbound.serve_hbone(sock, client, destination)
+                return
+            downstream = await accept_tcp_end(sock)
+        except Exception:
+            log.exception("%s connection %s -> %s failed", kind, client, destination)
+            return
+        await self._serve_captured(kind, downstream, client, destination)
+
+    async def _serve_captured(
+        self, kind: ListenerKind, downstream: TcpEnd, client: Address, destination: Address
+    ) -> None:
+        # The handlers own the connection from here on and close it on every path.
         try:
             match kind:
                 case ListenerKind.OUTBOUND:
-                    await self.outbound.serve(sock, client, destination)
+                    await self.outbound.serve(downstream, client, destination)
                 case ListenerKind.INBOUND_PLAINTEXT:
-                    await self.inbound.serve_plaintext(sock, client, destination)
+                    await self.inbound.serve_plaintext(downstream, client, destination)
                 case ListenerKind.INBOUND_HBONE:
-                    await self.inbound.serve_hbone(sock, client, destination)
+                    raise AssertionError("HBONE connections are served from their socket")
                 case _:
                     assert_never(kind)
         except Exception:
             log.exception("%s connection %s -> %s failed", kind, client, destination)
+
+
+class _CapturedConnection(TcpEnd):
+    """A connection a plain-TCP capture listener accepted: served as soon as its transport is up."""
+
+    def __init__(self, plane: DataPlane, kind: ListenerKind) -> None:
+        super().__init__(downstream=True)
+        self._plane = plane
+        self._kind = kind
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._plane._captured(self._kind, self)
 
 
 def _jsonable(value: object) -> object:

@@ -4,7 +4,11 @@ One module for both sides. `HboneDriver` is the asyncio Protocol of one mutual-T
 checks the handshake (ALPN `h2`, the peer's SPIFFE identity) before any HTTP/2 byte leaves, feeds
 received bytes to the HBONE connection, writes what it has to send, dispatches every event
 exhaustively, keeps the connection alive with PINGs, and fails every tunnel when the connection is
-lost. `HboneStreamEnd` is one CONNECT stream as a `RelayEnd`, so a `Relay` joins it to a `TcpEnd`:
+lost. It is a BufferedProtocol: TLS decrypts straight into one read buffer that every connection
+shares (the HBONE connection copies whatever it keeps, and events are handled before the next read),
+instead of a new bytes object per TLS record.
+
+`HboneStreamEnd` is one CONNECT stream as a `RelayEnd`, so a `Relay` joins it to a `TcpEnd`:
 
 - received bytes are acknowledged (handed back to the peer's window) only once they are handed on,
   and are held, unacknowledged, while the relay does not want them (before the tunnel is joined, or
@@ -60,6 +64,13 @@ from agent.proxy.relay import Relay
 from agent.proxy.sockets import Address
 
 log = logging.getLogger(__name__)
+
+READ_BUFFER_SIZE = 256 * 1024
+"""Bytes decrypted per read at most: what uvloop's TLS layer reads in one go."""
+
+_read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
+"""The read buffer of every HBONE connection of the process: a read is fully handled (its bytes
+parsed, copied where kept, and relayed) before the event loop performs the next."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +249,7 @@ class HboneStreamEnd:
             self.relay.closed(downstream=self.downstream)
 
 
-class HboneDriver(asyncio.Protocol, ABC):
+class HboneDriver(asyncio.BufferedProtocol, ABC):
     """One HBONE connection over a TLS transport (both sides share this part)."""
 
     def __init__(
@@ -298,12 +309,15 @@ class HboneDriver(asyncio.Protocol, ABC):
         self._keepalive = self._loop.call_later(self._keepalive_interval_s, self._keepalive_tick)
         self._arm_idle_timer()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.rejection or self.connection.closed:
             return
         self._dispatching = True
         try:
-            self._receive(data)
+            self._receive(_read_buffer[:nbytes])
         finally:
             self._dispatching = False
         self.flush()
@@ -338,11 +352,13 @@ class HboneDriver(asyncio.Protocol, ABC):
         """Writes what the HBONE connection has to send; closes the transport once it closed."""
         if self._dispatching or self.transport is None or self.rejection:
             return
-        data = self.connection.data_to_send()
+        parts = self.connection.data_to_send_parts()
         if self.transport.is_closing():
             return
-        if data:
-            self.transport.write(data)
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        elif parts:
+            self.transport.writelines(parts)
         if self.connection.closed:
             self.transport.close()
 
@@ -457,7 +473,7 @@ class HboneDriver(asyncio.Protocol, ABC):
         """The peer's identity if this side accepts it, else why not."""
 
     @abstractmethod
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: memoryview) -> None:
         """Feeds received bytes to the HBONE connection and dispatches its events."""
 
 
@@ -528,17 +544,17 @@ class HboneServerDriver(HboneDriver):
             case unexpected:
                 assert_never(unexpected)
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: memoryview) -> None:
         for event in self.hbone.receive_data(data):
             match event:
+                case DataReceived():  # first: nearly every event is one
+                    self._on_data(event)
                 case TunnelRequested():
                     stream = HboneStreamEnd(self, event.stream_id, downstream=True)
                     self._track(stream)
                     self._on_tunnel(self, stream, event)
                 case MalformedTunnelRequest():
                     self._on_malformed(self, event)
-                case DataReceived():
-                    self._on_data(event)
                 case PeerHalfClosed():
                     self._on_peer_half_closed(event)
                 case StreamReset():
@@ -592,9 +608,11 @@ class HboneClientDriver(HboneDriver):
             case unexpected:
                 assert_never(unexpected)
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: memoryview) -> None:
         for event in self.hbone.receive_data(data):
             match event:
+                case DataReceived():  # first: nearly every event is one
+                    self._on_data(event)
                 case TunnelEstablished():
                     if (stream := self.streams.get(event.stream_id)) is not None:
                         stream.answered(TunnelOpened())
@@ -603,8 +621,6 @@ class HboneClientDriver(HboneDriver):
                         stream.gone = True
                         self.forget(stream)
                         stream.answered(TunnelDeclined(event.status, event.failure))
-                case DataReceived():
-                    self._on_data(event)
                 case PeerHalfClosed():
                     self._on_peer_half_closed(event)
                 case StreamReset():

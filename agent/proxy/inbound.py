@@ -37,7 +37,7 @@ from agent.observability.metrics import PeerLabels, TcpLabels
 from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable, TlsContexts
 from agent.proxy.hbone_driver import HboneServerDriver, HboneStreamEnd
-from agent.proxy.relay import TcpEnd, accept_tcp_end, connect_tcp_end
+from agent.proxy.relay import TcpEnd, connect_socket, tcp_end_of
 from agent.proxy.sessions import InboundAuthorization, Leg, ResponseFlag, Sessions, peer_labels
 from agent.proxy.sockets import Address, SocketSetupError, reset, upstream_socket
 from agent.proxy.tasks import OwnedTasks
@@ -154,21 +154,22 @@ class InboundProxy:
         target = Address(str(request.target.ip), request.target.port)
         destination = self._local_workload(snapshot, request.target.ip)
         destination_identity = destination.spiffe_id(trust_domain) if destination is not None else ""
-        leg = Leg(
-            "inbound",
-            TcpLabels(
+
+        def leg() -> Leg:
+            # Built once the answer is on its way (or for a refusal's record): not on the path of a
+            # new connection's first bytes.
+            labels = TcpLabels(
                 "destination",
                 peer_labels(source, peer_identity),
                 peer_labels(destination, destination_identity),
                 security_policy="mutual_tls",
-            ),
-            str(client) if client is not None else str(peer),
-            str(target),
-        )
+            )
+            return Leg("inbound", labels, str(client) if client is not None else str(peer), str(target))
+
         if destination is None or destination_identity != str(driver.served_identity):
             driver.refuse(stream, RefusalReason.NO_LOCAL_WORKLOAD)
             detail = f"{target.ip} is not an enrolled workload of {driver.served_identity} on this node"
-            self._sessions.refused([leg], ResponseFlag.NO_HEALTHY_UPSTREAM, detail, accepted_at)
+            self._sessions.refused([leg()], ResponseFlag.NO_HEALTHY_UPSTREAM, detail, accepted_at)
             return
         connection = InboundConnection(
             source_ip=source_ip,
@@ -178,22 +179,37 @@ class InboundProxy:
         )
         deliver_from = Address(str(source_ip), 0) if source is not None else None
         try:
-            upstream = await self._open_upstream(snapshot, destination, target, connection, deliver_from)
+            upstream = await self._connect_upstream(snapshot, destination, target, connection, deliver_from)
         except BaseException:
             stream.abort()
             raise
         if isinstance(upstream, _Refusal):
             driver.refuse(stream, upstream.reason)
-            self._sessions.refused([leg], upstream.flag, upstream.detail, accepted_at)
+            self._sessions.refused([leg()], upstream.flag, upstream.detail, accepted_at)
             return
+        # The pod took the connection: answer now, and wrap the socket while the answer travels.
         if not driver.accept(stream):
-            upstream.abort()
+            reset(upstream)
             detail = "the client reset the tunnel before it was accepted"
-            self._sessions.refused([leg], ResponseFlag.DOWNSTREAM_TERMINATED, detail, accepted_at)
+            self._sessions.refused([leg()], ResponseFlag.DOWNSTREAM_TERMINATED, detail, accepted_at)
             return
-        relay = self._sessions.begin([leg], InboundAuthorization(destination, connection))
-        stream.relay = upstream.relay = relay
-        relay.join(stream, upstream)
+        try:
+            upstream_end = await self._wrap_upstream(upstream, target)
+        except BaseException:
+            stream.abort()
+            raise
+        if isinstance(upstream_end, _Refusal):
+            stream.abort()
+            self._sessions.refused([leg()], upstream_end.flag, upstream_end.detail, accepted_at)
+            return
+        if stream.gone:
+            upstream_end.abort()
+            detail = "the client reset the tunnel as it was accepted"
+            self._sessions.refused([leg()], ResponseFlag.DOWNSTREAM_TERMINATED, detail, accepted_at)
+            return
+        relay = self._sessions.begin([leg()], InboundAuthorization(destination, connection))
+        stream.relay = upstream_end.relay = relay
+        relay.join(stream, upstream_end)
 
     def _malformed(self, driver: HboneServerDriver, event: MalformedTunnelRequest) -> None:
         log.info(
@@ -208,8 +224,9 @@ class InboundProxy:
 
     # Plaintext (15006)
 
-    async def serve_plaintext(self, sock: socket.socket, client: Address, local: Address) -> None:
-        """Serves one captured plaintext connection from a non-mesh client to the local pod at `local`."""
+    async def serve_plaintext(self, downstream: TcpEnd, client: Address, local: Address) -> None:
+        """Serves one captured plaintext connection from a non-mesh client to the local pod at `local`
+        (its data is held, reading paused, until the relay joins)."""
         accepted_at = time.monotonic()
         snapshot = self._snapshot()
         client_ip, local_ip = ip_address(client.ip), ip_address(local.ip)
@@ -228,7 +245,7 @@ class InboundProxy:
             str(local),
         )
         if destination is None:
-            reset(sock)
+            downstream.abort()
             detail = f"{local.ip} is not an enrolled workload on this node"
             self._sessions.refused([leg], ResponseFlag.NO_HEALTHY_UPSTREAM, detail, accepted_at)
             return
@@ -240,17 +257,16 @@ class InboundProxy:
                 snapshot, destination, local, connection, Address(client.ip, 0)
             )
         except BaseException:
-            reset(sock)
+            downstream.abort()
             raise
         if isinstance(upstream, _Refusal):
-            reset(sock)
+            downstream.abort()
             self._sessions.refused([leg], upstream.flag, upstream.detail, accepted_at)
             return
-        try:
-            downstream = await accept_tcp_end(sock)
-        except BaseException:
+        if downstream.lost.done():
             upstream.abort()
-            raise
+            self._sessions.refused([leg], ResponseFlag.DOWNSTREAM_TERMINATED, "the client left", accepted_at)
+            return
         relay = self._sessions.begin([leg], InboundAuthorization(destination, connection))
         downstream.relay = upstream.relay = relay
         relay.join(downstream, upstream)
@@ -334,6 +350,26 @@ class InboundProxy:
         connection: InboundConnection,
         deliver_from: Address | None,
     ) -> TcpEnd | _Refusal:
+        """Authorizes, connects to the pod from `deliver_from` (None: from the agent's address) and
+        wraps the connection as the relay's upstream end."""
+        upstream = await self._connect_upstream(snapshot, destination, target, connection, deliver_from)
+        return upstream if isinstance(upstream, _Refusal) else await self._wrap_upstream(upstream, target)
+
+    async def _wrap_upstream(self, sock: socket.socket, target: Address) -> TcpEnd | _Refusal:
+        try:
+            return await tcp_end_of(sock)
+        except OSError as error:
+            detail = f"cannot use the connection to {target}: {error}"
+            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, detail)
+
+    async def _connect_upstream(
+        self,
+        snapshot: Snapshot,
+        destination: Workload,
+        target: Address,
+        connection: InboundConnection,
+        deliver_from: Address | None,
+    ) -> socket.socket | _Refusal:
         """Authorizes, then connects to the pod from `deliver_from` (None: from the agent's address)."""
         decision = authorize(snapshot, destination, connection)
         if isinstance(decision, Deny):
@@ -344,17 +380,22 @@ class InboundProxy:
             return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, str(error))
         timeout_s = self._settings.connect_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                upstream = await connect_tcp_end(sock, (target.ip, target.port))
+            await connect_socket(sock, (target.ip, target.port), timeout_s)
         except ConnectionRefusedError:
+            sock.close()
             detail = f"{target} refused the connection"
             return _Refusal(RefusalReason.UPSTREAM_REFUSED, ResponseFlag.UPSTREAM_FAILURE, detail)
         except TimeoutError:
+            sock.close()
             detail = f"{target} did not answer within {timeout_s:g}s"
             return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, detail)
         except OSError as error:
+            sock.close()
             detail = f"cannot connect to {target}: {error}"
             return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, detail)
+        except BaseException:
+            sock.close()
+            raise
         # A snapshot swapped in during the connect re-checked the open connections, not this one.
         current = self._snapshot()
         if current is not snapshot:
@@ -362,6 +403,6 @@ class InboundProxy:
                 current, current.workload(connection.destination_ip) or destination, connection
             )
             if isinstance(decision, Deny):
-                upstream.abort()
+                reset(sock)
                 return _Refusal(RefusalReason.DENIED_BY_POLICY, ResponseFlag.DENIED, str(decision))
-        return upstream
+        return sock

@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
-import socket
 import time
 from collections.abc import Callable
 from ipaddress import ip_address
@@ -26,7 +24,7 @@ from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.pool import HbonePool, PoolKey, TunnelNotOpened
-from agent.proxy.relay import TcpEnd, accept_tcp_end, connect_tcp_end
+from agent.proxy.relay import TcpEnd, connect_tcp_end
 from agent.proxy.sessions import Leg, ResponseFlag, Sessions, peer_labels, service_labels
 from agent.proxy.sockets import Address, SocketSetupError, upstream_socket
 from agent.state import Address as StateAddress
@@ -69,10 +67,10 @@ class OutboundProxy:
         self._sessions = sessions
         self._pick = pick
 
-    async def serve(self, sock: socket.socket, client: Address, original_destination: Address) -> None:
-        """Serves one captured connection from `client` that was going to `original_destination`."""
+    async def serve(self, downstream: TcpEnd, client: Address, original_destination: Address) -> None:
+        """Serves one captured connection from `client` that was going to `original_destination`
+        (its data is held, reading paused, until the relay joins)."""
         accepted_at = time.monotonic()
-        downstream = await accept_tcp_end(sock)
         try:
             await self._route(downstream, client, original_destination, accepted_at)
         except BaseException:
@@ -157,8 +155,7 @@ class OutboundProxy:
         timeout_s = self._settings.connect_timeout_s
         try:
             sock = upstream_socket(target, mark=self._settings.upstream_mark, source=Address(client.ip, 0))
-            async with asyncio.timeout(timeout_s):
-                upstream = await connect_tcp_end(sock, (target.ip, target.port))
+            upstream = await connect_tcp_end(sock, (target.ip, target.port), timeout_s)
         except SocketSetupError as error:
             self._fail(downstream, leg, ResponseFlag.UPSTREAM_FAILURE, str(error), accepted_at)
             return

@@ -27,6 +27,7 @@ from agent.proxy.hbone_driver import (
     TunnelDeclined,
     TunnelOpened,
 )
+from agent.proxy.relay import connect_socket
 from agent.proxy.sockets import Address, SocketSetupError, upstream_socket
 from agent.proxy.tasks import OwnedTasks
 
@@ -198,7 +199,7 @@ class HbonePool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(settings.connect_timeout_s):
-                await loop.sock_connect(sock, (key.address.ip, key.address.port))
+                await connect_socket(sock, (key.address.ip, key.address.port), settings.connect_timeout_s)
                 # The protocol is `driver`, whatever the result says (uvloop may name its SSL layer).
                 await loop.create_connection(
                     lambda: driver,

@@ -22,6 +22,9 @@ IPV6_TRANSPARENT = 75
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
+LISTEN_BACKLOG = 4096
+"""Connections a capture listener queues before the agent accepts them."""
+
 
 class SocketSetupError(OSError):
     """A socket option or bind the data plane needs was refused (usually: missing CAP_NET_ADMIN)."""
@@ -44,11 +47,13 @@ class Address:
     @classmethod
     def of(cls, sockaddr: tuple[object, ...]) -> Address:
         """From a socket address tuple (`getsockname()` / `getpeername()`); unmaps v4-in-v6."""
+        port = sockaddr[1]
+        assert isinstance(port, int)
+        if len(sockaddr) == 2:  # AF_INET: the kernel's dotted quad is already canonical
+            return cls(str(sockaddr[0]), port)
         ip = ipaddress.ip_address(str(sockaddr[0]))
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        port = sockaddr[1]
-        assert isinstance(port, int)
         return cls(str(ip), port)
 
 
@@ -62,7 +67,7 @@ def _set_transparent(sock: socket.socket, family: socket.AddressFamily) -> None:
         raise SocketSetupError(f"cannot set IP_TRANSPARENT (needs CAP_NET_ADMIN): {error}") from error
 
 
-def transparent_listener(bind: Address, *, backlog: int = 4096) -> socket.socket:
+def transparent_listener(bind: Address, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A non-blocking listening socket that accepts TPROXY-redirected connections.
 
     `SO_REUSEPORT` lets a restarting agent bind its listeners before the old one closes its own, so
@@ -106,6 +111,15 @@ def upstream_socket(destination: Address, *, mark: int, source: Address | None =
             raise
         raise SocketSetupError(f"cannot prepare an upstream socket to {destination}: {error}") from error
     return sock
+
+
+def disable_nagle(sock: socket.socket) -> None:
+    """Sets `TCP_NODELAY` on an accepted socket: a relay writes what it has at once, and small
+    writes must not wait for the peer's delayed ACK (~40 ms). uvloop sets it on the sockets it
+    wraps; asyncio's own loop only on sockets whose `proto` says TCP, which accepted ones do not."""
+    # The client may have reset the connection already; serving it will notice.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def original_destination(sock: socket.socket) -> Address:

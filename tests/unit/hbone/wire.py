@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from ipaddress import ip_address
 
 from agent.hbone import (
@@ -69,3 +70,24 @@ def flow_controlled(events: list[ClientEvent] | list[ServerEvent], stream_id: in
     return sum(
         e.flow_controlled_length for e in events if isinstance(e, DataReceived) and e.stream_id == stream_id
     )
+
+
+def merged(events: Sequence[object]) -> list[object]:
+    """Events with consecutive pieces of tunnel bytes on one stream joined (how they were cut up
+    depends on how the bytes arrived)."""
+    out: list[object] = []
+    for event in events:
+        last = out[-1] if out else None
+        if (
+            isinstance(event, DataReceived)
+            and isinstance(last, DataReceived)
+            and last.stream_id == event.stream_id
+        ):
+            out[-1] = DataReceived(
+                event.stream_id,
+                last.data + event.data,
+                last.flow_controlled_length + event.flow_controlled_length,
+            )
+        else:
+            out.append(event)
+    return out

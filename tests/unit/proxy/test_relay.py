@@ -35,7 +35,7 @@ async def relayed(server_handler: Handler) -> AsyncIterator[RelayedPath]:
 
     async def splice(downstream: TcpEnd) -> None:
         await downstream.connected
-        upstream = await connect_tcp_end(socket.socket(), ("127.0.0.1", server_port))
+        upstream = await connect_tcp_end(socket.socket(), ("127.0.0.1", server_port), 5)
         counters = metrics.tcp.opened(TcpLabels("source", PeerLabels(), PeerLabels()))
         relay = Relay(path.outcomes.append, counters)
         downstream.relay = upstream.relay = relay
@@ -158,3 +158,58 @@ async def test_slow_reader_pauses_the_fast_writer() -> None:
         assert produced < 64 << 20
         assert relay.counters[0].received < 64 << 20
         writer.close()
+
+
+def full_listener() -> tuple[socket.socket, socket.socket]:
+    """A loopback listener whose accept queue is full (one queued connection, backlog 0): the
+    kernel drops further SYNs, so a connect to it stays in progress. Returns it and the queued client."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    queued = socket.create_connection(listener.getsockname(), timeout=5)
+    return listener, queued
+
+
+async def test_connect_to_a_closed_port_is_refused() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    address = probe.getsockname()
+    probe.close()
+    sock = socket.socket()
+    sock.setblocking(False)
+    with pytest.raises(ConnectionRefusedError):
+        await connect_tcp_end(sock, address, 5)
+    assert sock.fileno() == -1
+
+
+async def test_connect_waits_for_a_handshake_still_on_its_way() -> None:
+    listener, queued = full_listener()
+    try:
+        sock = socket.socket()
+        sock.setblocking(False)
+        connecting = asyncio.ensure_future(connect_tcp_end(sock, listener.getsockname(), 10))
+        await asyncio.sleep(0.1)
+        assert not connecting.done()
+        listener.accept()[0].close()  # room in the queue: the SYN's retransmission (1 s) gets in
+        upstream = await asyncio.wait_for(connecting, 10)
+        assert upstream.transport is not None
+        assert upstream.transport.get_extra_info("peername") == listener.getsockname()
+        upstream.abort()
+    finally:
+        queued.close()
+        listener.close()
+
+
+async def test_a_connect_given_up_on_closes_its_socket() -> None:
+    listener, queued = full_listener()
+    try:
+        sock = socket.socket()
+        sock.setblocking(False)
+        fd = sock.fileno()
+        with pytest.raises(TimeoutError):
+            await connect_tcp_end(sock, listener.getsockname(), 0.1)
+        assert sock.fileno() == -1
+        assert not asyncio.get_running_loop().remove_writer(fd)  # nothing is left watching it
+    finally:
+        queued.close()
+        listener.close()

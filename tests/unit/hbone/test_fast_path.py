@@ -1,0 +1,541 @@
+"""The DATA fast path against h2 itself.
+
+A connection with the fast path and its twin where h2 handles every frame get the same peer bytes
+and the same calls; they must report the same events, send the same bytes and end in the same
+flow-control and stream states. Peers are bare frames (hyperframe, hpack), so the sequences cover
+what a well-behaved HBONE peer never sends: padding, END_STREAM with data, DATA on closed, reset or
+unknown streams, beyond the windows or the frame size, inside a header block, before the answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hpack import Encoder
+from hyperframe.frame import (
+    ContinuationFrame,
+    ExtensionFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.hbone import (
+    ConnectionFailed,
+    DataReceived,
+    ErrorCode,
+    HboneClientConnection,
+    HboneConnection,
+    HboneServerConnection,
+    HboneSettings,
+    RefusalReason,
+)
+from tests.unit.hbone.wire import CLIENT, TARGET, Wire, merged, received_bytes
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+SMALL = HboneSettings(stream_window=65_535, connection_window=100_000, max_frame_size=16_384)
+"""Windows and frames small enough that generated peers run into every limit."""
+
+STREAMS = (1, 3, 5, 7)
+"""The stream ids the sequences use (client-initiated, odd)."""
+
+CONNECT = [(b":method", b"CONNECT"), (b":authority", b"10.0.2.7:80"), (b"forwarded", b'for="10.0.1.5:4321"')]
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return bytes((seed + i) % 251 for i in range(size))
+
+
+class Peer:
+    """Builds the frames a bare peer sends, with its own HPACK state."""
+
+    def __init__(self) -> None:
+        self._encoder = Encoder()
+
+    def headers(
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool, split: bool
+    ) -> bytes:
+        block = self._encoder.encode(headers)
+        flags = {"END_STREAM"} if end_stream else set()
+        if not split:
+            return HeadersFrame(stream_id, block, flags=flags | {"END_HEADERS"}).serialize()
+        half = len(block) // 2
+        return (
+            HeadersFrame(stream_id, block[:half], flags=flags).serialize()
+            + ContinuationFrame(stream_id, block[half:], flags={"END_HEADERS"}).serialize()
+        )
+
+
+def data_frame(stream_id: int, size: int, *, end_stream: bool = False, pad: int | None = None) -> bytes:
+    """A DATA frame, built by hand: peers under test send what hyperframe would refuse to build."""
+    body = payload(size, stream_id)
+    flags = 0x1 if end_stream else 0
+    if pad is not None:
+        flags |= 0x8
+        body = bytes([pad]) + body + bytes(pad)
+    return len(body).to_bytes(3, "big") + bytes([0x0, flags]) + stream_id.to_bytes(4, "big") + body
+
+
+@dataclass
+class Twins:
+    """One connection with the fast path, one without, driven identically."""
+
+    fast: HboneClientConnection | HboneServerConnection
+    h2: HboneClientConnection | HboneServerConnection
+
+    @classmethod
+    def of(cls, make: Callable[[], HboneClientConnection | HboneServerConnection]) -> Twins:
+        fast, reference = make(), make()
+        reference.data_fast_path = False
+        twins = cls(fast, reference)
+        twins.outputs()
+        return twins
+
+    def feed(self, data: bytes) -> list[Any]:
+        fast_events = self.fast.receive_data(data)
+        h2_events = self.h2.receive_data(data)
+        assert fast_events == h2_events
+        self.check_state()
+        return list(fast_events)
+
+    def call(self, action: Callable[[Any], object]) -> None:
+        outcomes = []
+        for connection in (self.fast, self.h2):
+            try:
+                outcomes.append(("returned", action(connection)))
+            except Exception as error:  # both sides must fail the same way
+                outcomes.append(("raised", type(error)))
+        assert outcomes[0] == outcomes[1]
+        self.check_state()
+
+    def outputs(self) -> bytes:
+        sent = self.fast.data_to_send()
+        assert sent == self.h2.data_to_send()
+        return sent
+
+    def check_state(self) -> None:
+        assert describe(self.fast) == describe(self.h2)
+
+
+def describe(connection: HboneConnection) -> dict[str, object]:
+    """Everything of a connection's HTTP/2 state the fast path could get wrong."""
+    h2 = connection._h2
+    return {
+        "closed": connection.closed,
+        "open_streams": connection.open_stream_count,
+        "h2_state": h2.state_machine.state,
+        "inbound_window": h2.inbound_flow_control_window,
+        "outbound_window": h2.outbound_flow_control_window,
+        "streams": {
+            stream_id: (
+                stream.state_machine.state,
+                stream.inbound_flow_control_window,
+                stream.outbound_flow_control_window,
+            )
+            for stream_id, stream in h2.streams.items()
+        },
+        "held_back": {stream_id: connection.outbound_buffered(stream_id) for stream_id in STREAMS},
+        "pending": bytes(connection._partial),
+    }
+
+
+def test_the_fast_path_is_on_with_the_installed_h2() -> None:
+    # If an h2 upgrade renames what the fast path relies on, it turns itself off: fail loudly here.
+    assert HboneConnection.data_fast_path
+
+
+def test_a_data_frames_payload_is_delivered_as_it_arrives() -> None:
+    wire = Wire()
+    stream_id = wire.open()
+    wire.client.send_data(stream_id, payload(10_000))
+    frame = wire.client.data_to_send()
+    first, second = wire.server.receive_data(frame[:4009]), wire.server.receive_data(frame[4009:])
+    assert first == [DataReceived(stream_id, payload(4000), 4000)]
+    assert second == [DataReceived(stream_id, payload(10_000)[4000:], 6000)]
+
+
+def test_without_the_fast_path_h2_delivers_whole_frames_only() -> None:
+    wire = Wire()
+    wire.server.data_fast_path = False
+    stream_id = wire.open()
+    wire.client.send_data(stream_id, payload(10_000))
+    frame = wire.client.data_to_send()
+    assert wire.server.receive_data(frame[:4009]) == []
+    assert wire.server.receive_data(frame[4009:]) == [DataReceived(stream_id, payload(10_000), 10_000)]
+
+
+def test_sent_frames_are_byte_for_byte_h2s() -> None:
+    twins = Twins.of(lambda: HboneServerConnection(SMALL))
+    peer = Peer()
+    twins.feed(PREFACE + SettingsFrame(0, settings={SettingsFrame.MAX_FRAME_SIZE: 20_000}).serialize())
+    twins.feed(peer.headers(1, CONNECT, end_stream=False, split=False))
+    twins.call(lambda c: c.accept(1))
+    twins.outputs()
+    for size in (1, 19_999, 20_000, 20_001, 70_000):
+        twins.call(lambda c, size=size: c.send_data(1, payload(size)))
+        twins.outputs()
+    twins.feed(WindowUpdateFrame(0, window_increment=200_000).serialize())
+    twins.feed(WindowUpdateFrame(1, window_increment=200_000).serialize())
+    assert len(twins.outputs()) > 0
+
+
+def test_a_view_of_a_reused_buffer_is_copied_before_the_caller_reuses_it() -> None:
+    wire = Wire()
+    stream_id = wire.open()
+    read_buffer = bytearray(b"a" * 1000)
+    wire.client.send_data(stream_id, memoryview(read_buffer)[:600])
+    read_buffer[:] = b"b" * 1000
+    _, server_events = wire.pump()
+    assert server_events == [DataReceived(stream_id, b"a" * 600, 600)]
+
+
+# Explicit sequences for each kind of frame the fast path must leave to h2.
+
+
+def server_twins_with_open_tunnels(*accepted: int) -> tuple[Twins, Peer]:
+    twins = Twins.of(lambda: HboneServerConnection(SMALL))
+    peer = Peer()
+    twins.feed(PREFACE + SettingsFrame(0).serialize())
+    for stream_id in accepted:
+        twins.feed(peer.headers(stream_id, CONNECT, end_stream=False, split=False))
+        twins.call(lambda c, stream_id=stream_id: c.accept(stream_id))
+    twins.outputs()
+    return twins, peer
+
+
+UNUSUAL_DATA = {
+    "padded": data_frame(1, 100, pad=20),
+    "padded with nothing": data_frame(1, 0, pad=0),
+    "end stream with data": data_frame(1, 100, end_stream=True),
+    "empty end stream": data_frame(1, 0, end_stream=True),
+    "empty": data_frame(1, 0),
+    "on stream 0": data_frame(0, 10),
+    "on an idle stream": data_frame(9, 10),
+    "beyond the stream window": data_frame(1, 16_384) * 4 + data_frame(1, 100),
+    "beyond the frame size": data_frame(1, 16_385),
+}
+
+
+@pytest.mark.parametrize("frames", UNUSUAL_DATA.values(), ids=UNUSUAL_DATA.keys())
+def test_unusual_data_frames_are_h2s_to_handle(frames: bytes) -> None:
+    twins, _ = server_twins_with_open_tunnels(1)
+    twins.feed(frames)
+    twins.outputs()
+
+
+def test_data_on_a_stream_this_side_reset_gets_h2s_answer() -> None:
+    twins, _ = server_twins_with_open_tunnels(1, 3)
+    twins.call(lambda c: c.reset_stream(1))
+    twins.outputs()
+    events = twins.feed(data_frame(1, 500) + data_frame(3, 500))
+    assert events == [DataReceived(3, payload(500, 3), 500)]
+    assert len(twins.outputs()) > 0  # h2 answers the closed stream's frame with RST_STREAM
+
+
+def test_data_on_a_stream_the_peer_reset_or_ended_gets_h2s_answer() -> None:
+    twins, _ = server_twins_with_open_tunnels(1, 3)
+    twins.feed(RstStreamFrame(1, error_code=ErrorCode.CANCEL).serialize() + data_frame(3, 0, end_stream=True))
+    twins.feed(data_frame(1, 10))
+    twins.feed(data_frame(3, 10))
+    twins.outputs()
+
+
+def test_data_of_a_refused_tunnel_gets_h2s_answer() -> None:
+    twins, peer = server_twins_with_open_tunnels()
+    twins.feed(peer.headers(1, CONNECT, end_stream=False, split=False))
+    twins.call(lambda c: c.refuse(1, RefusalReason.DENIED_BY_POLICY))
+    twins.outputs()
+    twins.feed(data_frame(1, 300))
+    twins.outputs()
+
+
+def test_data_inside_a_header_block_is_a_protocol_error() -> None:
+    twins, peer = server_twins_with_open_tunnels(1)
+    block = peer.headers(3, CONNECT, end_stream=False, split=True)
+    headers_only = block[: 9 + int.from_bytes(block[:3])]
+    events = twins.feed(headers_only + data_frame(1, 10))
+    assert [type(e) for e in events] == [ConnectionFailed]
+    assert events[0].error_code is ErrorCode.PROTOCOL_ERROR
+
+
+def test_data_before_the_answer_is_a_protocol_error_for_the_client() -> None:
+    twins = Twins.of(lambda: HboneClientConnection(SMALL))
+    twins.call(lambda c: c.open_tunnel(TARGET, CLIENT))
+    twins.outputs()
+    twins.feed(SettingsFrame(0).serialize())
+    events = twins.feed(data_frame(1, 10))
+    assert [type(e) for e in events] == [ConnectionFailed]
+
+
+def test_data_on_a_tunnel_with_a_content_length_is_checked_by_h2() -> None:
+    twins, peer = server_twins_with_open_tunnels()
+    twins.feed(peer.headers(1, [*CONNECT, (b"content-length", b"5")], end_stream=False, split=False))
+    twins.call(lambda c: c.accept(1))
+    twins.feed(data_frame(1, 3))
+    twins.feed(data_frame(1, 3))
+    twins.outputs()
+
+
+def test_settings_changing_the_window_mid_transfer() -> None:
+    twins, _ = server_twins_with_open_tunnels(1)
+    twins.call(lambda c: c.send_data(1, payload(100_000)))
+    twins.outputs()
+    twins.feed(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 10}).serialize())
+    twins.feed(WindowUpdateFrame(0, window_increment=1_000_000).serialize())
+    twins.feed(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 200_000}).serialize())
+    twins.outputs()
+
+
+# Generated sequences.
+
+PEER_FRAME = st.one_of(
+    st.tuples(st.just("headers"), st.sampled_from(STREAMS), st.booleans(), st.booleans()),
+    st.tuples(
+        st.just("data"),
+        st.sampled_from((0, *STREAMS, 9)),
+        st.sampled_from((0, 1, 100, 4096, 16_384, 16_385, 40_000)),
+        st.booleans(),
+        st.one_of(st.none(), st.integers(0, 255)),
+    ),
+    st.tuples(st.just("rst"), st.sampled_from(STREAMS), st.sampled_from((0, 8, 10))),
+    st.tuples(
+        st.just("window"), st.sampled_from((0, *STREAMS)), st.sampled_from((1, 1000, 70_000, 2**31 - 1))
+    ),
+    st.tuples(
+        st.just("settings"), st.sampled_from((None, 0, 10, 70_000)), st.sampled_from((None, 16_384, 20_000))
+    ),
+    st.tuples(st.just("ping")),
+    st.tuples(st.just("priority"), st.sampled_from(STREAMS)),
+    st.tuples(st.just("goaway"), st.sampled_from((0, 3, 7))),
+    st.tuples(st.just("unknown")),
+)
+
+SERVER_ACTION = st.one_of(
+    st.tuples(st.sampled_from(("accept", "refuse", "reset", "end", "ack all")), st.sampled_from(STREAMS)),
+    st.tuples(st.just("send"), st.sampled_from(STREAMS), st.sampled_from((1, 1000, 20_000, 70_000))),
+    st.tuples(st.just("ack"), st.sampled_from(STREAMS), st.sampled_from((1, 1000, 70_000))),
+    st.tuples(st.sampled_from(("drain", "close"))),
+)
+
+CLIENT_ACTION = st.one_of(
+    st.tuples(st.just("open")),
+    st.tuples(st.sampled_from(("reset", "end", "ack all")), st.sampled_from(STREAMS)),
+    st.tuples(st.just("send"), st.sampled_from(STREAMS), st.sampled_from((1, 1000, 20_000, 70_000))),
+    st.tuples(st.just("ack"), st.sampled_from(STREAMS), st.sampled_from((1, 1000, 70_000))),
+    st.tuples(st.just("close")),
+)
+
+
+def peer_bytes(peer: Peer, frames: Sequence[tuple[Any, ...]], *, answers: bool) -> bytes:
+    """The wire bytes of generated frames; `answers`: the peer is a server answering with :status."""
+    out = b""
+    for frame in frames:
+        match frame:
+            case ("headers", stream_id, end_stream, split):
+                headers = [(b":status", b"200")] if answers else CONNECT
+                out += peer.headers(stream_id, headers, end_stream=end_stream, split=split)
+            case ("data", stream_id, size, end_stream, pad):
+                out += data_frame(stream_id, size, end_stream=end_stream, pad=pad)
+            case ("rst", stream_id, code):
+                out += RstStreamFrame(stream_id, error_code=code).serialize()
+            case ("window", stream_id, increment):
+                out += WindowUpdateFrame(stream_id, window_increment=increment).serialize()
+            case ("settings", window, frame_size):
+                values = {}
+                if window is not None:
+                    values[SettingsFrame.INITIAL_WINDOW_SIZE] = window
+                if frame_size is not None:
+                    values[SettingsFrame.MAX_FRAME_SIZE] = frame_size
+                out += SettingsFrame(0, settings=values).serialize()
+            case ("ping",):
+                out += PingFrame(0, opaque_data=b"12345678").serialize()
+            case ("priority", stream_id):
+                out += PriorityFrame(stream_id, depends_on=0, stream_weight=16).serialize()
+            case ("goaway", last_stream_id):
+                out += GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0).serialize()
+            case ("unknown",):
+                out += ExtensionFrame(type=0xFA, stream_id=0, flag_byte=0, body=b"extension").serialize()
+            case _:
+                raise AssertionError(frame)
+    return out
+
+
+class Acknowledger:
+    """Acknowledges what the twins delivered (they delivered the same, or a check already failed)."""
+
+    def __init__(self) -> None:
+        self.owed: dict[int, int] = dict.fromkeys(STREAMS, 0)
+
+    def delivered(self, events: Sequence[object]) -> None:
+        for event in events:
+            if isinstance(event, DataReceived):
+                self.owed[event.stream_id] += event.flow_controlled_length
+
+    def all_of(self, stream_id: int) -> Callable[[Any], None]:
+        size, self.owed[stream_id] = self.owed[stream_id], 0
+        return lambda c: c.acknowledge_received_data(stream_id, size)
+
+
+def server_action(action: tuple[Any, ...], acknowledger: Acknowledger) -> Callable[[Any], object]:
+    match action:
+        case ("accept", stream_id):
+            return lambda c: c.accept(stream_id)
+        case ("refuse", stream_id):
+            return lambda c: c.refuse(stream_id, RefusalReason.DENIED_BY_POLICY)
+        case ("drain",):
+            return lambda c: c.start_drain()
+        case _:
+            return common_action(action, acknowledger)
+
+
+def client_action(action: tuple[Any, ...], acknowledger: Acknowledger) -> Callable[[Any], object]:
+    if action == ("open",):
+        return lambda c: c.open_tunnel(TARGET, CLIENT) if c.can_open_stream else None
+    return common_action(action, acknowledger)
+
+
+def common_action(action: tuple[Any, ...], acknowledger: Acknowledger) -> Callable[[Any], object]:
+    match action:
+        case ("reset", stream_id):
+            return lambda c: c.reset_stream(stream_id)
+        case ("end", stream_id):
+            return lambda c: c.end_stream(stream_id)
+        case ("ack all", stream_id):
+            return acknowledger.all_of(stream_id)
+        case ("send", stream_id, size):
+            return lambda c: c.send_data(stream_id, payload(size))
+        case ("ack", stream_id, size):
+            return lambda c: c.acknowledge_received_data(stream_id, size)
+        case ("close",):
+            return lambda c: c.close()
+        case _:
+            raise AssertionError(action)
+
+
+def run_steps(
+    twins: Twins,
+    peer: Peer,
+    steps: Sequence[tuple[str, Any]],
+    action: Callable[[tuple[Any, ...], Acknowledger], Callable[[Any], object]],
+    *,
+    answers: bool,
+) -> None:
+    acknowledger = Acknowledger()
+    for kind, step in steps:
+        if kind == "peer":
+            acknowledger.delivered(twins.feed(peer_bytes(peer, step, answers=answers)))
+        else:
+            twins.call(action(step, acknowledger))
+        twins.outputs()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("peer"), st.lists(PEER_FRAME, min_size=1, max_size=4)),
+            st.tuples(st.just("local"), SERVER_ACTION),
+        ),
+        max_size=25,
+    )
+)
+def test_a_server_with_the_fast_path_behaves_as_h2(steps: list[tuple[str, Any]]) -> None:
+    twins = Twins.of(lambda: HboneServerConnection(SMALL))
+    twins.feed(PREFACE + SettingsFrame(0).serialize())
+    peer = Peer()
+    # Open tunnels first, so that most generated DATA frames meet a stream that takes them.
+    twins.feed(
+        b"".join(peer.headers(stream_id, CONNECT, end_stream=False, split=False) for stream_id in STREAMS[:2])
+    )
+    run_steps(twins, peer, steps, server_action, answers=False)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("peer"), st.lists(PEER_FRAME, min_size=1, max_size=4)),
+            st.tuples(st.just("local"), CLIENT_ACTION),
+        ),
+        max_size=25,
+    )
+)
+def test_a_client_with_the_fast_path_behaves_as_h2(steps: list[tuple[str, Any]]) -> None:
+    twins = Twins.of(lambda: HboneClientConnection(SMALL))
+    peer = Peer()
+    twins.feed(SettingsFrame(0).serialize())
+    for _ in STREAMS[:2]:
+        twins.call(lambda c: c.open_tunnel(TARGET, CLIENT))
+    twins.feed(
+        b"".join(
+            peer.headers(stream_id, [(b":status", b"200")], end_stream=False, split=False)
+            for stream_id in STREAMS[:2]
+        )
+    )
+    run_steps(twins, peer, steps, client_action, answers=True)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(PEER_FRAME, min_size=1, max_size=12),
+    st.lists(st.integers(0, 200_000), max_size=20),
+)
+def test_how_the_bytes_are_cut_changes_nothing_but_the_pieces(
+    frames: list[tuple[Any, ...]], cuts: list[int]
+) -> None:
+    peer_stream = PREFACE + SettingsFrame(0).serialize()
+    peer = Peer()
+    peer_stream += b"".join(
+        peer.headers(stream_id, CONNECT, end_stream=False, split=False) for stream_id in STREAMS[:2]
+    )
+    peer_stream += peer_bytes(peer, frames, answers=False)
+    whole, chunked = HboneServerConnection(SMALL), HboneServerConnection(SMALL)
+    whole_events = whole.receive_data(peer_stream)
+    chunked_events = []
+    bounds = [0, *sorted(cut % (len(peer_stream) + 1) for cut in cuts), len(peer_stream)]
+    for start, end in itertools.pairwise(bounds):
+        chunked_events += chunked.receive_data(peer_stream[start:end])
+    assert merged(chunked_events) == merged(whole_events)
+    assert describe(chunked) == describe(whole)
+    assert chunked.data_to_send() == whole.data_to_send()
+
+
+def test_large_payloads_are_handed_on_uncopied_and_small_frames_together() -> None:
+    wire = Wire()
+    stream_id = wire.open()
+    large = payload(100_000)
+    wire.client.ping(b"12345678")
+    wire.client.send_data(stream_id, b"small")
+    wire.client.send_data(stream_id, large)
+    wire.client.send_data(stream_id, b"tail")
+    parts = wire.client.data_to_send_parts()
+    # The PING, the small frame and the large frame's header; the payload as given; the last frame.
+    assert len(parts) == 3
+    assert parts[1] is large
+    events = wire.server.receive_data(b"".join(parts))
+    assert received_bytes(events, stream_id) == b"small" + large + b"tail"
+    assert wire.client.data_to_send_parts() == []
+
+
+def test_a_payload_split_into_frames_is_handed_on_as_views_of_it() -> None:
+    wire = Wire(client_settings=HboneSettings(max_frame_size=16_384))
+    stream_id = wire.open()
+    large = payload(3 * 1024 * 1024)
+    wire.server.send_data(stream_id, large)  # the client takes frames of 16 KiB
+    parts = wire.server.data_to_send_parts()
+    views = [part for part in parts if isinstance(part, memoryview)]
+    assert len(views) == len(large) // 16_384
+    assert all(view.obj is large for view in views)
+    events = wire.client.receive_data(b"".join(parts))
+    assert received_bytes(events, stream_id) == large
