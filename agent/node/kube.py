@@ -46,6 +46,7 @@ from agent.node.shared import (
     await_rules,
     enrolled_here,
     redirect_dump,
+    serve_until_stopped,
     start_endpoints,
 )
 from agent.observability.accesslog import AccessLog, LogFormat
@@ -322,7 +323,6 @@ class KubernetesNodeProcess:
         )
         self._dataplane = dataplane
         runners: list[web.AppRunner] = []
-        tasks: list[asyncio.Task[None]] = []
         control_plane_started = False
         try:
             try:
@@ -346,26 +346,15 @@ class KubernetesNodeProcess:
                 asyncio.create_task(self._report_state(certificates), name="node-state-report"),
                 asyncio.create_task(self._controller.wait_finished(), name="control-plane"),
             ]
-            tasks = [*long_running, asyncio.create_task(self._await_rules(), name="readiness-rules")]
-            stopping = asyncio.create_task(self._stop.wait(), name="stop-signal")
-            done, _ = await asyncio.wait({stopping, *long_running}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            status = 0
-            for task in done - {stopping}:
-                failure = None if task.cancelled() else task.exception()
-                log.error("%s ended unexpectedly, stopping the node", task.get_name(), exc_info=failure)
-                status = 1
-            log.info(
-                "stopping: draining the data plane (up to %.0fs)", self._settings.dataplane.drain_deadline_s
+            status = await serve_until_stopped(
+                long_running,
+                [asyncio.create_task(self._await_rules(), name="readiness-rules")],
+                stop=self._stop,
+                readiness=self.readiness,
+                dataplane=dataplane,
+                drain_deadline_s=self._settings.dataplane.drain_deadline_s,
             )
-            self.readiness.draining = True
-            await dataplane.drain()
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
             if control_plane_started:
                 self._controller.stop()
                 with contextlib.suppress(Exception):

@@ -36,6 +36,7 @@ from agent.node.shared import (
     await_rules,
     enrolled_here,
     redirect_dump,
+    serve_until_stopped,
     start_endpoints,
 )
 from agent.observability.accesslog import AccessLog
@@ -103,7 +104,6 @@ class NodeProcess:
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
         self._announce(self._config)
         runners: list[web.AppRunner] = []
-        tasks: list[asyncio.Task[None]] = []
         try:
             try:
                 await start_endpoints(
@@ -124,29 +124,15 @@ class NodeProcess:
                 asyncio.create_task(self._redirect.run(), name="redirect-reconcile"),
                 asyncio.create_task(self._watch_config(), name="static-config-watch"),
             ]
-            tasks = [
-                *long_running,
-                asyncio.create_task(await_rules(self._redirect, self.readiness), name="readiness-rules"),
-            ]
-            stopping = asyncio.create_task(self._stop.wait(), name="stop-signal")
-            done, _ = await asyncio.wait({stopping, *long_running}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            status = 0
-            for task in done - {stopping}:
-                failure = None if task.cancelled() else task.exception()
-                log.error("%s ended unexpectedly, stopping the node", task.get_name(), exc_info=failure)
-                status = 1
-            log.info(
-                "stopping: draining the data plane (up to %.0fs)", self._settings.dataplane.drain_deadline_s
+            status = await serve_until_stopped(
+                long_running,
+                [asyncio.create_task(await_rules(self._redirect, self.readiness), name="readiness-rules")],
+                stop=self._stop,
+                readiness=self.readiness,
+                dataplane=self._dataplane,
+                drain_deadline_s=self._settings.dataplane.drain_deadline_s,
             )
-            self.readiness.draining = True
-            await self._dataplane.drain()
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
             for runner in runners:
                 await runner.cleanup()
         log.info("stopped; capture rules stay installed (run `ambient-agent cleanup` to remove them)")

@@ -8,6 +8,7 @@ binds with `SO_REUSEPORT`, so a restarting agent binds while the old one still s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from aiohttp import web
 from agent.identity.spiffe import SpiffeId
 from agent.observability.metrics import AgentMetrics
 from agent.observability.servers import AdminProviders, Readiness, admin_app, metrics_app, readiness_app
+from agent.proxy.dataplane import DataPlane
 from agent.redirect.reconciler import ReconcileLoop, RedirectStatus
 from agent.redirect.ruleset import PodIp
 from agent.settings import PortSettings
@@ -73,6 +75,41 @@ async def await_rules(redirect: ReconcileLoop, readiness: Readiness) -> None:
         await asyncio.sleep(_SYNC_CHECK_INTERVAL_S)
     readiness.satisfy(RULES_INSTALLED)
     log.info("capture rules installed for %d local pod addresses", len(redirect.status.synced_pods))
+
+
+async def serve_until_stopped(
+    long_running: list[asyncio.Task[None]],
+    helpers: list[asyncio.Task[None]],
+    *,
+    stop: asyncio.Event,
+    readiness: Readiness,
+    dataplane: DataPlane,
+    drain_deadline_s: float,
+) -> int:
+    """Serves until `stop` is set or a `long_running` task ends, then drains the data plane.
+
+    Returns the exit status: 0 for a requested stop, 1 when a long-running task ended on its own
+    (logged with its error). Every task, `helpers` included, is cancelled and awaited before returning.
+    """
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        done, _ = await asyncio.wait({stopping, *long_running}, return_when=asyncio.FIRST_COMPLETED)
+        status = 0
+        for task in done - {stopping}:
+            failure = None if task.cancelled() else task.exception()
+            log.error("%s ended unexpectedly, stopping the node", task.get_name(), exc_info=failure)
+            status = 1
+        log.info("stopping: draining the data plane (up to %.0fs)", drain_deadline_s)
+        readiness.draining = True
+        await dataplane.drain()
+        return status
+    finally:
+        tasks = [stopping, *long_running, *helpers]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def redirect_dump(status: RedirectStatus) -> dict[str, object]:
