@@ -367,3 +367,27 @@ async def running_mesh(
         for pod in pods.values():
             assert pod.server is not None
             pod.server.close()
+
+
+class Firehose:
+    """A TCP server handler that writes as fast as its peer accepts, until `stop` is set.
+
+    `produced` counts what it wrote; once a write stays undrained for `stall_s` it waits for
+    `stop`, so a test can check that backpressure held the producer back.
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        self.produced = 0
+        self.stop = asyncio.Event()
+        self._stall_s = stall_s
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        chunk = b"z" * 65536
+        while not self.stop.is_set():
+            writer.write(chunk)
+            self.produced += len(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), self._stall_s)
+            except TimeoutError:
+                await self.stop.wait()
+        writer.close()

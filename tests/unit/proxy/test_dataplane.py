@@ -31,6 +31,7 @@ from tests.unit.proxy.mesh import (
     SERVICE_IPS,
     SERVICE_PORT,
     SLEEP_IP,
+    Firehose,
     deny_from,
     running_mesh,
     spiffe,
@@ -160,20 +161,7 @@ async def test_large_transfer_arrives_intact_both_ways() -> None:
 
 
 async def test_slow_client_slows_the_server_instead_of_buffering() -> None:
-    produced = 0
-    stop = asyncio.Event()
-
-    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal produced
-        chunk = b"z" * 65536
-        while not stop.is_set():
-            writer.write(chunk)
-            produced += len(chunk)
-            try:
-                await asyncio.wait_for(writer.drain(), 0.2)
-            except TimeoutError:
-                await stop.wait()
-        writer.close()
+    firehose = Firehose(stall_s=0.2)
 
     server = await asyncio.start_server(firehose, ECHO_IP, 0)
     port = server.sockets[0].getsockname()[1]
@@ -182,10 +170,10 @@ async def test_slow_client_slows_the_server_instead_of_buffering() -> None:
         _, writer = await mesh.connect(Address(ECHO_IP, port), limit=1024)
         writer.transport.pause_reading()
         await asyncio.sleep(1.0)
-        stop.set()
+        firehose.stop.set()
         # Kernel buffers along the path hold some megabytes; without backpressure the agents would
         # read on and buffer without bound (hundreds of MB per second on loopback).
-        assert produced < 64 << 20
+        assert firehose.produced < 64 << 20
         writer.transport.abort()
     server.close()
 

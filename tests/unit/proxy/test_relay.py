@@ -13,6 +13,7 @@ import pytest
 
 from agent.observability.metrics import AgentMetrics, PeerLabels, TcpLabels
 from agent.proxy.relay import Relay, RelayOutcome, TcpEnd, connect_tcp_end
+from tests.unit.proxy.mesh import Firehose
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -132,30 +133,17 @@ async def test_server_reset_becomes_a_client_reset() -> None:
 
 async def test_slow_reader_pauses_the_fast_writer() -> None:
     """A client that never reads must not make the relay buffer the server's whole output."""
-    produced = 0
-    stop = asyncio.Event()
-
-    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal produced
-        chunk = b"z" * 65536
-        while not stop.is_set():
-            writer.write(chunk)
-            produced += len(chunk)
-            try:
-                await asyncio.wait_for(writer.drain(), 0.5)
-            except TimeoutError:
-                await stop.wait()
-        writer.close()
+    firehose = Firehose(stall_s=0.5)
 
     async with relayed(firehose) as path:
         _reader, writer = await asyncio.open_connection("127.0.0.1", path.port, limit=1024)
         _reader._transport.pause_reading()  # type: ignore[attr-defined]
         await asyncio.sleep(1.0)
         relay = path.relays[0]
-        stop.set()
+        firehose.stop.set()
         # Kernel socket buffers hold some megabytes; without backpressure the relay would keep
         # reading and buffer without bound (hundreds of MB in a second on loopback).
-        assert produced < 64 << 20
+        assert firehose.produced < 64 << 20
         assert relay.counters[0].received < 64 << 20
         writer.close()
 
