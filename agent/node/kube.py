@@ -84,7 +84,7 @@ CERTIFICATES_RECONCILER = "certificates"
 _STATE_REPORT_INTERVAL_S = 0.2
 """How often what the data-plane side has set up is compared with what the control plane last heard."""
 
-_CONTROL_PLANE_STOP_S = 15.0
+_CONTROL_PLANE_STOP_S = 5.0
 """How long a stopping node waits for the control plane's thread to finish."""
 
 

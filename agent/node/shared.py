@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import io
 import logging
 
 from aiohttp import web
@@ -33,6 +35,17 @@ LISTENERS_BOUND = "listeners-bound"
 _SYNC_CHECK_INTERVAL_S = 0.05
 """How often start-up checks whether the redirect loop has installed the rules."""
 
+SHUTDOWN_OVERRUN_S = 8.0
+"""How long a stopping node may take beyond its drain deadline (stopping the control plane, closing
+the HTTP endpoints) before the shutdown watchdog ends it. The chart's termination grace period
+(30 s) covers the default drain (20 s) plus this."""
+
+_ENDPOINT_SHUTDOWN_S = 1.0
+"""How long closing the HTTP endpoints waits for requests in progress (aiohttp's default: 60 s)."""
+
+_TASK_DUMP_LEAD_S = 1.0
+"""How long before the watchdog fires the still-pending asyncio tasks are logged."""
+
 
 async def start_endpoints(
     ports: PortSettings,
@@ -51,7 +64,7 @@ async def start_endpoints(
         (readiness_app(readiness), any_address, ports.readiness),
         (admin_app(metrics, admin), ["127.0.0.1"], ports.admin),
     ):
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_ENDPOINT_SHUTDOWN_S)
         await runner.setup()
         runners.append(runner)
         for host in hosts:
@@ -100,6 +113,7 @@ async def serve_until_stopped(
             log.error("%s ended unexpectedly, stopping the node", task.get_name(), exc_info=failure)
             status = 1
         log.info("stopping: draining the data plane (up to %.0fs)", drain_deadline_s)
+        arm_shutdown_watchdog(drain_deadline_s + SHUTDOWN_OVERRUN_S)
         readiness.draining = True
         await dataplane.drain()
         return status
@@ -110,6 +124,28 @@ async def serve_until_stopped(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def arm_shutdown_watchdog(deadline_s: float) -> None:
+    """Gives the process `deadline_s` to exit. Past it, every thread's stack is written to stderr and
+    the process exits with status 1 (the capture rules stay, as after any stop); a second before, the
+    asyncio tasks still pending are logged with their stacks. A stuck shutdown must neither keep the
+    ports nor leave the kubelet waiting to SIGKILL, and must say where it was stuck."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(max(0.0, deadline_s - _TASK_DUMP_LEAD_S), _log_pending_tasks, deadline_s)
+    faulthandler.dump_traceback_later(deadline_s, exit=True)
+
+
+def _log_pending_tasks(deadline_s: float) -> None:
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(file=stacks)
+    log.error(
+        "shutdown overran its %gs deadline; exiting in %gs. Pending tasks:\n%s",
+        deadline_s,
+        _TASK_DUMP_LEAD_S,
+        stacks.getvalue(),
+    )
 
 
 def redirect_dump(status: RedirectStatus) -> dict[str, object]:

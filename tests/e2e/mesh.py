@@ -226,6 +226,21 @@ def remove_capture(cluster: Cluster, node: NodeHandle) -> None:
     cluster.run_in(node.netns, ["python", "-m", "agent", "cleanup"])
 
 
+def stop_agents(cluster: Cluster, agents: Iterable[Agent]) -> None:
+    """Stops every agent and removes its node's capture, even when one of them fails to stop (so one
+    stuck agent cannot break the tests after it); then raises the first failure."""
+    failures: list[AgentFailed] = []
+    for agent in agents:
+        try:
+            agent.stop()
+        except AgentFailed as failure:
+            failures.append(failure)
+        finally:
+            remove_capture(cluster, agent.node)
+    if failures:
+        raise failures[0]
+
+
 def eventually(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.2) -> bool:
     """Whether `condition` holds within `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -37,10 +37,10 @@ from tests.e2e.mesh import (
     MeshWorkload,
     eventually,
     http_get,
-    remove_capture,
     sockets_in,
     spiffe_id,
     start_agent,
+    stop_agents,
     write_static_config,
 )
 
@@ -158,10 +158,7 @@ def mesh(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             agent.wait_ready()
         yield mesh
     finally:
-        for agent in mesh.agents.values():
-            agent.stop()
-        for node in (node1, node2):
-            remove_capture(cluster, node)
+        stop_agents(cluster, mesh.agents.values())
         for handle in pods:
             cluster.delete_pod(handle, wait=False)
 

@@ -25,10 +25,10 @@ from tests.e2e.mesh import (
     Agent,
     MeshWorkload,
     http_get,
-    remove_capture,
     sockets_in,
     spiffe_id,
     start_agent,
+    stop_agents,
     write_static_config,
 )
 
@@ -91,10 +91,7 @@ def observed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
             agent.wait_ready()
         yield Observed(cluster, client, server, agents)
     finally:
-        for agent in agents.values():
-            agent.stop()
-        for node in (node1, node2):
-            remove_capture(cluster, node)
+        stop_agents(cluster, agents.values())
         for pod in (client, server):
             cluster.delete_pod(pod)
 
