@@ -1,11 +1,12 @@
 """`make demo`: the product on a local cluster, shown step by step, and left running to explore.
 
 Starts a fresh local cluster (as `make cluster-up`; a previous one with the same prefix is removed),
-installs the CRDs and RBAC from manifests/, runs the CA and an `ambient-agent node` on every node (as
-their Deployment and DaemonSet would), then: a client and an echo server in namespace `demo` on
-different nodes talk directly; the namespace is labelled for ambient and the same connection goes
-through the HBONE tunnel (the server still sees the client's address, the agents log both
-identities); a DENY policy refuses it. It ends with how to explore and how to tear everything down.
+installs the product from manifests/ as a user would (`kubectl apply`: the CA Deployment and the node
+DaemonSet become pods that the local kubelet runs, one agent per node), then: a client and an echo
+server in namespace `demo` on different nodes talk directly; the namespace is labelled for ambient and
+the same connection goes through the HBONE tunnel (the server still sees the client's address, the
+agents log both identities); a DENY policy refuses it. It ends with how to explore and how to tear
+everything down.
 
     python -m tests.e2e.demo --state-dir /run/ambient-agent/cluster    (root)
 """
@@ -64,11 +65,11 @@ def run(state_dir: Path) -> int:
     node1, node2 = cluster.nodes[:2]
     show(f"nodes: {node1.name} ({node1.ip}), {node2.name} ({node2.ip})")
 
-    step("Installing CRDs and RBAC from manifests/, starting the CA and one node agent per node")
+    step("Installing manifests/ (kubectl apply): the CA Deployment and the node DaemonSet roll out")
     mesh: KubeMesh = start_mesh(cluster)
     for name, agent in mesh.agents.items():
         show(f"agent on {name}: ready, log {agent.log_path}")
-    show(f"CA log {mesh.ca.log_path}")
+    show(f"CA log {mesh.ca_log_path()}")
 
     step(f"Namespace {NAMESPACE!r}: an echo server on {node2.name}, a client on {node1.name}")
     echo = ["python", "-m", "agent.testing.echo", "--port", str(ECHO_PORT)]
@@ -136,6 +137,7 @@ def explore(cluster: Cluster, mesh: KubeMesh, client: PodHandle, server: PodHand
     lines = [
         f"export KUBECONFIG={cluster.kubeconfig}",
         f"kubectl get pods -n {NAMESPACE} -o wide",
+        "kubectl get daemonsets,deployments,pods -n ambient-system -o wide    # the installed product",
         f"kubectl get pod -n {NAMESPACE} client -o jsonpath='{{.metadata.annotations}}'",
         f"kubectl get events -n {NAMESPACE}",
         f"kubectl delete authorizationpolicy -n {NAMESPACE} deny-echo    # and talk again:",

@@ -1,84 +1,75 @@
-"""The whole product on the e2e cluster: CRDs and RBAC from manifests/, `ambient-agent ca`, and one
-`ambient-agent node` per node in Kubernetes mode, each run as its DaemonSet pod would (an agent Pod
-object on the node, a token bound to it, the node's network namespace, the downward-API variables).
+"""The whole product on the e2e cluster, installed as a user installs it: manifests/ applied through the
+API server, the node DaemonSet and the CA Deployment rolled out by kube-controller-manager, their pods
+run by the harness kubelet (container command, downward-API env, projected service-account token bound
+to the pod, hostNetwork, readiness probe). Tests see the agents from outside only: their endpoints on
+the node, their pods' logs.
 
-Shared by tests/e2e/test_control_plane.py and the demo (tests/e2e/demo.py, `make demo`).
+Shared by tests/e2e/test_control_plane.py, tests/e2e/test_install.py and the demo (tests/e2e/demo.py,
+`make demo`).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import subprocess
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.cluster import Cluster, NodeHandle, PodHandle
-from tests.e2e.cluster.agents import (
-    AGENT_NAMESPACE,
-    MANIFESTS,
-    AgentCredentials,
-    CaProcess,
-    agent_credentials,
-    install_identity_rbac,
+from tests.e2e.install import (
+    CA_COMPONENT,
+    NODE_COMPONENT,
+    RELEASE_NAMESPACE,
+    Object,
+    install,
+    release_pods,
+    uninstall,
+    wait_rolled_out,
 )
-from tests.e2e.mesh import ADMIN_PORT, METRICS_PORT, Agent, http_get, remove_capture
+from tests.e2e.mesh import ADMIN_PORT, METRICS_PORT, READINESS_PORT, http_get, remove_capture
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 REDIRECTION = "ambient.istio.io/redirection"
-AGENT_ENV = {"AMBIENT_DRAIN_DEADLINE": "5"}
-"""A short drain keeps stopping the agents short."""
-
-_starts = itertools.count(1)
 
 
-def install_product(cluster: Cluster) -> None:
-    """The policy CRDs, the agent namespace and the agents' and CA's RBAC, from manifests/."""
-    for crd in sorted((MANIFESTS / "crds").glob("*.yaml")):
-        refused = [(status, reply) for status, reply in cluster.apply(crd) if status not in (200, 201)]
-        if refused:
-            raise RuntimeError(f"the API server refused {crd.name}: {refused}")
-    install_identity_rbac(cluster)
+@dataclass(frozen=True)
+class InstalledAgent:
+    """The agent the DaemonSet runs on one node."""
 
+    cluster: Cluster
+    node: NodeHandle
+    pod_name: str
 
-def start_node_agent(
-    cluster: Cluster, credentials: AgentCredentials, env: Mapping[str, str] | None = None
-) -> Agent:
-    """`ambient-agent node` in Kubernetes mode in the node's namespace, with its agent pod's token;
-    its log goes to `<logs>/agent-<node>-k<n>.log`."""
-    node = credentials.node
-    log_path = cluster.layout.log_dir / f"agent-{node.name}-k{next(_starts)}.log"
-    downward_api = {
-        "NODE_NAME": node.name,
-        "POD_NAME": credentials.pod.name,
-        "POD_NAMESPACE": AGENT_NAMESPACE,
-    }
-    with open(log_path, "w") as log_file:
-        process = cluster.spawn_in(
-            node.netns,
-            ["python", "-m", "agent", "node", "--kubeconfig", str(credentials.in_cluster_kubeconfig)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **downward_api, **AGENT_ENV, **(env or {})},
-        )
-    return Agent(node, process, log_path)
+    @property
+    def log_path(self) -> Path:
+        """The kubelet's log of the agent pod's container."""
+        return self.cluster.layout.pod_log(RELEASE_NAMESPACE, self.pod_name)
+
+    def ready(self) -> bool:
+        """Whether the agent's readiness endpoint (the DaemonSet's probe) answers 200."""
+        status, _ = http_get(self.node.netns, self.node.ip, READINESS_PORT, "/healthz/ready")
+        return status == 200
 
 
 @dataclass
 class KubeMesh:
-    """The CA and a node agent on every node, all talking to the cluster's API server."""
+    """The installed product: an agent on every node and the CA, all talking to the cluster's API server."""
 
     cluster: Cluster
-    ca: CaProcess
-    credentials: dict[str, AgentCredentials]
-    agents: dict[str, Agent] = field(default_factory=dict)
+    objects: list[Object]
+    agents: dict[str, InstalledAgent]
 
-    def agent(self, node: NodeHandle | str) -> Agent:
+    def agent(self, node: NodeHandle | str) -> InstalledAgent:
         return self.agents[node if isinstance(node, str) else node.name]
+
+    def ca_log_path(self) -> Path:
+        """The log of the CA Deployment's (first) pod."""
+        first = release_pods(self.cluster, CA_COMPONENT)[0]
+        return self.cluster.layout.pod_log(RELEASE_NAMESPACE, first["metadata"]["name"])
 
     def metrics(self, node: NodeHandle) -> str:
         status, text = http_get(node.netns, node.ip, METRICS_PORT, "/metrics")
@@ -96,28 +87,24 @@ class KubeMesh:
         return set(self.config_dump(node)["redirect"]["synced_pods"] or ())
 
     def stop(self) -> None:
-        """Stops the agents (their capture is removed) and the CA; deletes the agent pods."""
-        for agent in self.agents.values():
-            agent.stop()
-            remove_capture(self.cluster, agent.node)
-        self.agents.clear()
-        self.ca.stop()
-        for credentials in self.credentials.values():
-            self.cluster.delete_pod(credentials.pod, wait=False)
+        """Uninstalls, then removes the capture from every node (what the chart's uninstall hook runs)."""
+        try:
+            uninstall(self.cluster, self.objects)
+        finally:
+            for node in self.cluster.nodes:
+                remove_capture(self.cluster, node)
 
 
-def start_mesh(cluster: Cluster, *, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> KubeMesh:
-    """Installs the product and starts the CA (in the first node) and one agent per node; returns once
-    every agent is ready (listeners bound, first sync done, capture installed)."""
-    install_product(cluster)
-    ca = CaProcess(cluster, cluster.nodes[0])
-    ca.start()
-    mesh = KubeMesh(cluster, ca, {node.name: agent_credentials(cluster, node) for node in cluster.nodes})
+def start_mesh(cluster: Cluster) -> KubeMesh:
+    """Installs manifests/ and waits for the rollout: an agent Ready on every node (listeners bound,
+    first sync done, capture installed) and the CA available."""
+    objects = install(cluster)
+    mesh = KubeMesh(cluster, objects, {})
     try:
-        for node in cluster.nodes:
-            mesh.agents[node.name] = start_node_agent(cluster, mesh.credentials[node.name], env)
-        for agent in mesh.agents.values():
-            agent.wait_ready(timeout)
+        wait_rolled_out(cluster)
+        for pod in release_pods(cluster, NODE_COMPONENT):
+            node = cluster.node(pod["spec"]["nodeName"])
+            mesh.agents[node.name] = InstalledAgent(cluster, node, pod["metadata"]["name"])
     except BaseException:
         mesh.stop()
         raise
@@ -179,6 +166,6 @@ def peer_seen(result: subprocess.CompletedProcess[str]) -> str | None:
     return result.stdout.split()[1]
 
 
-def agent_log_lines(agent: Agent, needle: str) -> Iterator[str]:
+def agent_log_lines(agent: InstalledAgent, needle: str) -> Iterator[str]:
     """The agent's log lines containing `needle`."""
     return (line for line in agent.log_path.read_text(errors="replace").splitlines() if needle in line)

@@ -1,6 +1,7 @@
-"""The whole path on the local cluster (issue 6, "Proved by e2e tests"): the CA and one `ambient-agent
-node` per node in Kubernetes mode, as their Deployment and DaemonSet would run them, with the
-project's CRDs and RBAC.
+"""The whole path on the local cluster (issue 6, "Proved by e2e tests"), on the product installed from
+manifests/ as a user installs it (issue 8): the CA Deployment and the node DaemonSet rolled out by
+kube-controller-manager and run by the harness kubelet, one `ambient-agent node` per node in
+Kubernetes mode (tests/e2e/kube_mesh.py).
 
 Proved here: labelling a namespace enrols its running pods (annotation, capture, tunnelled traffic with
 the client's address kept) and removing the label releases them, without restarting them; a pod asking

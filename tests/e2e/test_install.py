@@ -29,18 +29,19 @@ from typing import Any
 import pytest
 
 from tests.e2e.cluster import Cluster, NodeHandle, PodHandle
+from tests.e2e.install import NODE_COMPONENT, RELEASE_NAMESPACE, get, release_pods, uninstall
 from tests.e2e.kube_mesh import (
     AMBIENT,
+    KubeMesh,
     label_namespace,
     peer_seen,
     redirection,
+    start_mesh,
     talk,
     tcp_opened,
 )
 from tests.e2e.mesh import METRICS_PORT, READINESS_PORT, eventually, http_get, remove_capture
-from tests.e2e.test_manifests import Object, apply, as_served_by_1_20, kubectl, manifest_objects
 
-RELEASE_NAMESPACE = "ambient-system"
 SHOP = "inst-shop"
 RUNTIME = "inst-runtime"
 ECHO_PORT = 8080
@@ -48,27 +49,11 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 POD_MOUNTS = "/run/ambient-e2e-pod"
 """Where the test pod's other volumes go: the kubelet creates missing mount points on the host (empty),
 so they stay under /run."""
-INSTALL_TIMEOUT = 120.0
-
-
-def get(cluster: Cluster, path: str) -> dict[str, Any]:
-    status, body = cluster.api("GET", path)
-    assert status == 200, body
-    found: dict[str, Any] = body
-    return found
 
 
 def is_ready(pod: dict[str, Any]) -> bool:
     conditions = pod.get("status", {}).get("conditions") or []
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-
-def agent_pods(cluster: Cluster) -> list[dict[str, Any]]:
-    selector = "app.kubernetes.io/component=node"
-    found: list[dict[str, Any]] = get(
-        cluster, f"/api/v1/namespaces/{RELEASE_NAMESPACE}/pods?labelSelector={selector}"
-    )["items"]
-    return found
 
 
 def jwt_claims(token: str) -> dict[str, Any]:
@@ -85,63 +70,12 @@ def capture_state(cluster: Cluster, node: NodeHandle) -> tuple[str, str, str]:
     return tables, rules, routes
 
 
-def uninstall(cluster: Cluster, objects: list[Object]) -> None:
-    """Deletes what was installed but the CRDs (Helm keeps those too) and waits until the release's
-    namespace is gone, so its pods have stopped."""
-    installed = [obj for obj in objects if obj["kind"] != "CustomResourceDefinition"]
-    for obj in reversed(installed):
-        kubectl(
-            cluster,
-            "delete",
-            "--ignore-not-found",
-            "--wait=false",
-            obj["kind"],
-            obj["metadata"]["name"],
-            *(["-n", obj["metadata"]["namespace"]] if "namespace" in obj["metadata"] else []),
-        )
-
-    def namespace_gone() -> bool:
-        status, _ = cluster.api("GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}")
-        return status == 404
-
-    assert eventually(namespace_gone, INSTALL_TIMEOUT, 0.5), "the release namespace was not deleted"
-
-
 @pytest.fixture(scope="module")
-def install(cluster: Cluster) -> Iterator[list[Object]]:
-    """manifests/ applied as `kubectl apply -f manifests/crds/ -f manifests/` would; uninstalled after."""
-    objects = [as_served_by_1_20(obj) for obj in manifest_objects()]
-    result = apply(cluster, objects)
-    assert result.returncode == 0, f"kubectl apply refused manifests/:\n{result.stderr}"
-    yield objects
-    uninstall(cluster, objects)
-    for node in cluster.nodes:
-        remove_capture(cluster, node)
-
-
-@pytest.fixture(scope="module")
-def installed(cluster: Cluster, install: list[Object]) -> list[Object]:
-    """The install, once the CA is available and an agent is Ready on every node."""
-
-    def rolled_out() -> bool:
-        daemon_set = get(
-            cluster, f"/apis/apps/v1/namespaces/{RELEASE_NAMESPACE}/daemonsets/ambient-agent-node"
-        )
-        deployment = get(
-            cluster, f"/apis/apps/v1/namespaces/{RELEASE_NAMESPACE}/deployments/ambient-agent-ca"
-        )
-        ds, deploy = daemon_set.get("status", {}), deployment.get("status", {})
-        return bool(
-            ds.get("desiredNumberScheduled") == len(cluster.nodes)
-            and ds.get("numberReady") == len(cluster.nodes)
-            and deploy.get("availableReplicas") == 1
-        )
-
-    assert eventually(rolled_out, INSTALL_TIMEOUT, 1.0), (
-        "the DaemonSet or the CA Deployment did not become ready:\n"
-        + kubectl(cluster, "get", "pods,daemonsets,deployments", "-n", RELEASE_NAMESPACE, "-o", "wide").stdout
-    )
-    return install
+def installed(cluster: Cluster) -> Iterator[KubeMesh]:
+    """manifests/ applied, the CA available and an agent Ready on every node; uninstalled after."""
+    mesh = start_mesh(cluster)
+    yield mesh
+    mesh.stop()
 
 
 # The kubelet's pod runtime
@@ -320,8 +254,8 @@ def test_a_readiness_probe_decides_ready_both_ways(cluster: Cluster, tmp_path: P
 # The product, installed from manifests/
 
 
-def test_the_daemonset_runs_one_ready_agent_on_every_node(cluster: Cluster, installed: list[Object]) -> None:
-    pods = agent_pods(cluster)
+def test_the_daemonset_runs_one_ready_agent_on_every_node(cluster: Cluster, installed: KubeMesh) -> None:
+    pods = release_pods(cluster, NODE_COMPONENT)
     assert sorted(pod["spec"]["nodeName"] for pod in pods) == sorted(node.name for node in cluster.nodes)
     for pod in pods:
         assert pod["spec"]["hostNetwork"] is True
@@ -336,7 +270,7 @@ def test_the_daemonset_runs_one_ready_agent_on_every_node(cluster: Cluster, inst
 
 
 @pytest.fixture(scope="module")
-def shop(cluster: Cluster, installed: list[Object]) -> Iterator[tuple[PodHandle, PodHandle]]:
+def shop(cluster: Cluster, installed: KubeMesh) -> Iterator[tuple[PodHandle, PodHandle]]:
     node1, node2 = cluster.nodes[:2]
     echo = ["python", "-m", "agent.testing.echo", "--port", str(ECHO_PORT)]
     server = cluster.create_pod(
@@ -376,13 +310,13 @@ def test_a_labelled_namespace_talks_over_mutual_tls_across_nodes(
     )
 
 
-def test_uninstall_leaves_the_nodes_clean(cluster: Cluster, installed: list[Object]) -> None:
+def test_uninstall_leaves_the_nodes_clean(cluster: Cluster, installed: KubeMesh) -> None:
     before = {node.name: capture_state(cluster, node) for node in cluster.nodes}
     for tables, rules, routes in before.values():
         assert "ambient_agent" in tables, tables
         assert "0x111" in rules, rules
         assert "local default" in routes, routes
-    uninstall(cluster, installed)
+    uninstall(cluster, installed.objects)
     for node in cluster.nodes:
         remove_capture(cluster, node)
         tables, rules, routes = capture_state(cluster, node)

@@ -20,52 +20,14 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
-import yaml
 
 from tests.chart import renderer
 from tests.e2e.cluster import Cluster
-from tests.e2e.cluster.layout import REPO_ROOT
-
-MANIFESTS = REPO_ROOT / "manifests"
-
-Object = dict[str, Any]
-
-
-def manifest_objects() -> list[Object]:
-    """Every object of manifests/, CRDs first: the order of `kubectl apply -f crds/ -f manifests/`."""
-    paths = sorted((MANIFESTS / "crds").glob("*.yaml")) + sorted(MANIFESTS.glob("*.yaml"))
-    return [obj for path in paths for obj in yaml.safe_load_all(path.read_text()) if obj is not None]
-
-
-def as_served_by_1_20(obj: Object) -> Object:
-    if obj["apiVersion"] == "policy/v1" and obj["kind"] == "PodDisruptionBudget":
-        assert obj["spec"]["selector"]["matchLabels"], "an empty selector means different things in v1beta1"
-        return {**copy.deepcopy(obj), "apiVersion": "policy/v1beta1"}
-    return obj
-
-
-def kubectl(cluster: Cluster, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("kubectl")
-    if binary is None:
-        pytest.fail("kubectl is missing: `make setup` installs it (Debian package kubernetes-client)")
-    return subprocess.run(
-        [binary, "--kubeconfig", str(cluster.kubeconfig), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def apply(cluster: Cluster, objects: Sequence[Object], *flags: str) -> subprocess.CompletedProcess[str]:
-    return kubectl(cluster, "apply", *flags, "-f", "-", stdin=yaml.safe_dump_all(objects, sort_keys=False))
+from tests.e2e.install import MANIFESTS, Object, apply, as_served_by_1_20, kubectl, manifest_objects
 
 
 def dry_run_apply(cluster: Cluster, objects: Sequence[Object]) -> subprocess.CompletedProcess[str]:

@@ -350,7 +350,13 @@ class PodWorker:
             if flip_to is not None:
                 status["ready"] = flip_to
                 log.info("%s: readiness %s", self._key, "passed" if flip_to else "failed")
-                await self._patch_status(pod_status(self.pod, **status))
+                try:
+                    await self._patch_status(pod_status(self.pod, **status))
+                except ApiUnavailable as error:
+                    # As a kubelet does, keep probing through an API outage; the flip is reported
+                    # by a later round.
+                    log.warning("%s: readiness not reported: %s", self._key, error)
+                    status["ready"] = not flip_to
             await asyncio.sleep(float(settings["periodSeconds"]))
 
     async def _run_container(self, sandbox: Sandbox) -> None:
