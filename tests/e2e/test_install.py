@@ -8,9 +8,10 @@ Proved here: the kubelet's pod runtime (volumes of every kind the chart uses, a 
 with the projection's audience, mounts invisible to the host, readiness following an httpGet probe both
 ways); the DaemonSet comes up with one Ready agent per node and the CA Deployment becomes available;
 a labelled namespace's pods on two nodes talk through the agents over mutual TLS with the client's
-address kept; uninstalling (deleting what was applied, then `ambient-agent cleanup` on each node, the
-command the chart's uninstall hook runs) leaves the nodes without the agent's nftables table, ip rules
-and routes.
+address kept; uninstalling as `helm uninstall` does runs the chart's pre-delete hook for real (its Job's
+kubectl containers, run as the hook's service account, turn the DaemonSet into pods whose init
+container runs `ambient-agent cleanup`, and wait for them), which alone leaves every node without the
+agent's nftables table, ip rules and routes; then the release is deleted.
 
 v1.20 serves PodDisruptionBudget only as policy/v1beta1: the budget is applied as its v1beta1
 equivalent (tests/e2e/test_manifests.py `as_served_by_1_20`, which also proves the server refuses v1).
@@ -28,8 +29,19 @@ from typing import Any
 
 import pytest
 
+from tests.chart import renderer
 from tests.e2e.cluster import Cluster, NodeHandle, PodHandle
-from tests.e2e.install import NODE_COMPONENT, RELEASE_NAMESPACE, get, release_pods, uninstall
+from tests.e2e.install import (
+    INSTALL_TIMEOUT,
+    NODE_COMPONENT,
+    RELEASE_NAMESPACE,
+    Object,
+    apply,
+    get,
+    kubectl,
+    release_pods,
+    uninstall,
+)
 from tests.e2e.kube_mesh import (
     AMBIENT,
     KubeMesh,
@@ -40,7 +52,7 @@ from tests.e2e.kube_mesh import (
     talk,
     tcp_opened,
 )
-from tests.e2e.mesh import METRICS_PORT, READINESS_PORT, eventually, http_get, remove_capture
+from tests.e2e.mesh import METRICS_PORT, READINESS_PORT, eventually, http_get
 
 SHOP = "inst-shop"
 RUNTIME = "inst-runtime"
@@ -310,16 +322,67 @@ def test_a_labelled_namespace_talks_over_mutual_tls_across_nodes(
     )
 
 
-def test_uninstall_leaves_the_nodes_clean(cluster: Cluster, installed: KubeMesh) -> None:
-    before = {node.name: capture_state(cluster, node) for node in cluster.nodes}
-    for tables, rules, routes in before.values():
+def hook_objects(hook: str, name_prefix: str) -> list[Object]:
+    """The chart's `hook` objects (`helm.sh/hook`) whose names start with `name_prefix`, in the order
+    Helm creates them (by `helm.sh/hook-weight`, then as rendered)."""
+    found = [
+        obj
+        for obj in renderer.render_objects()
+        if renderer.is_hook(obj)
+        and obj["metadata"]["annotations"]["helm.sh/hook"] == hook
+        and obj["metadata"]["name"].startswith(name_prefix)
+    ]
+    return sorted(found, key=lambda obj: int(obj["metadata"]["annotations"].get("helm.sh/hook-weight", "0")))
+
+
+def job_outcome(cluster: Cluster, name: str) -> str | None:
+    """ "succeeded" or "failed" once the Job in the release namespace has finished, else None."""
+    status = get(cluster, f"/apis/batch/v1/namespaces/{RELEASE_NAMESPACE}/jobs/{name}").get("status", {})
+    for condition in status.get("conditions") or []:
+        if condition["status"] == "True" and condition["type"] in ("Complete", "Failed"):
+            return "succeeded" if condition["type"] == "Complete" else "failed"
+    return None
+
+
+def test_uninstall_runs_the_pre_delete_hook_which_leaves_every_node_clean(
+    cluster: Cluster, installed: KubeMesh
+) -> None:
+    for node in cluster.nodes:
+        tables, rules, routes = capture_state(cluster, node)
         assert "ambient_agent" in tables, tables
         assert "0x111" in rules, rules
         assert "local default" in routes, routes
-    uninstall(cluster, installed.objects)
+    # `helm uninstall`: the pre-delete hooks by weight (the hook's service account and rights, then
+    # its Job), waiting for the Job; then the hooks (hook-succeeded) and the release are deleted.
+    hooks = hook_objects("pre-delete", "ambient-agent-uninstall")
+    assert [obj["kind"] for obj in hooks] == ["ServiceAccount", "Role", "RoleBinding", "Job"]
+    for obj in hooks:
+        applied = apply(cluster, [obj])
+        assert applied.returncode == 0, applied.stderr
+    assert eventually(
+        lambda: job_outcome(cluster, "ambient-agent-uninstall") is not None, INSTALL_TIMEOUT, 1.0
+    )
+    job_pods = release_pods(cluster, "job-name=ambient-agent-uninstall")
+    logs = "\n".join(
+        cluster.layout.pod_log(RELEASE_NAMESPACE, pod["metadata"]["name"]).read_text() for pod in job_pods
+    )
+    assert job_outcome(cluster, "ambient-agent-uninstall") == "succeeded", logs
+    # The hook alone cleaned every node: the DaemonSet's pods ran `ambient-agent cleanup`.
     for node in cluster.nodes:
-        remove_capture(cluster, node)
         tables, rules, routes = capture_state(cluster, node)
         assert "ambient_agent" not in tables, tables
         assert "0x111" not in rules, rules
         assert routes.strip() == "", routes
+    for obj in reversed(hooks):
+        kubectl(
+            cluster,
+            "delete",
+            "--ignore-not-found",
+            obj["kind"],
+            obj["metadata"]["name"],
+            "-n",
+            RELEASE_NAMESPACE,
+        )
+    uninstall(cluster, installed.objects)
+    for node in cluster.nodes:
+        assert "ambient_agent" not in capture_state(cluster, node)[0]

@@ -3,8 +3,9 @@
 Run inside the node's namespace: `python -m tests.e2e.cluster.kubelet --state-dir DIR --node NAME`.
 It registers the Node (podCIDR, addresses, capacity, Ready), renews its Lease so the node lifecycle
 controller keeps it Ready, and watches Pods with `spec.nodeName=<node>`. One `PodWorker` per pod
-owns that pod's life: sandbox (network namespace, address), process (the first container's
-command and args, image ignored), restarts by `restartPolicy`, status patches, and graceful
+owns that pod's life: sandbox (network namespace, address), processes (the init containers in
+order, each to completion, then the first container; command and args, images ignored but for the
+entrypoints of `IMAGE_ENTRYPOINTS`), restarts by `restartPolicy`, status patches, and graceful
 deletion (SIGTERM, grace period, SIGKILL, sandbox removal, then the final delete of the object).
 
 `PodWorker._prepare` materialises the pod's volumes (tests/e2e/cluster/volumes.py) between the sandbox
@@ -54,6 +55,14 @@ MAX_BACKOFF_SECONDS = 10.0
 LEASE_DURATION_SECONDS = 40
 LEASE_RENEW_SECONDS = 10.0
 NODE_CAPACITY = {"cpu": "2", "memory": "8Gi", "pods": "110", "ephemeral-storage": "20Gi"}
+
+IMAGE_ENTRYPOINTS = {
+    "ambient-agent": ["ambient-agent"],
+    "registry.k8s.io/kubectl": ["kubectl"],
+}
+"""The harness runs no images: a container without a `command` runs its image's entrypoint, known here
+for the images the project's manifests use (the product's, as its Dockerfile sets it, and kubectl's),
+by repository without tag or digest. The programs come from the host (the venv, Debian's kubectl)."""
 
 _ENV_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -106,7 +115,9 @@ def field_value(pod: JsonObject, sandbox: Sandbox, node: NodeLayout, path: str) 
     raise ContainerConfigError(f"fieldRef {path!r} is not supported by the harness kubelet")
 
 
-def container_environment(pod: JsonObject, sandbox: Sandbox, node: NodeLayout) -> dict[str, str]:
+def container_environment(
+    pod: JsonObject, container: JsonObject, sandbox: Sandbox, node: NodeLayout
+) -> dict[str, str]:
     """The process environment: a minimal base, in-cluster API coordinates, then the container's env."""
     venv_bin = str(Path(venv_python()).parent)
     env = {
@@ -118,7 +129,6 @@ def container_environment(pod: JsonObject, sandbox: Sandbox, node: NodeLayout) -
         "KUBERNETES_SERVICE_HOST": str(CONTROL_PLANE_IP),
         "KUBERNETES_SERVICE_PORT": str(API_PORT),
     }
-    container = pod["spec"]["containers"][0]
     for item in container.get("env") or []:
         name = item["name"]
         if "valueFrom" in item:
@@ -131,11 +141,23 @@ def container_environment(pod: JsonObject, sandbox: Sandbox, node: NodeLayout) -
     return env
 
 
+def image_repository(image: str) -> str:
+    """`image` without its tag or digest."""
+    name = image.split("@", 1)[0]
+    last_slash = name.rfind("/")
+    tag_colon = name.rfind(":")
+    return name[:tag_colon] if tag_colon > last_slash else name
+
+
 def container_argv(container: JsonObject, env: dict[str, str]) -> list[str]:
-    """command + args with `$(VAR)` expanded; `python`/`python3` become the project's interpreter."""
-    command = container.get("command") or []
+    """command (or the image's entrypoint) + args with `$(VAR)` expanded; `python`/`python3` become the
+    project's interpreter."""
+    command = container.get("command") or IMAGE_ENTRYPOINTS.get(image_repository(container.get("image", "")))
     if not command:
-        raise ContainerConfigError("the harness runs no images: the container needs a command")
+        raise ContainerConfigError(
+            f"container {container['name']!r}: the harness runs no images, and knows no entrypoint for "
+            f"{container.get('image')!r}: give it a command"
+        )
     argv = [expand_references(a, env) for a in [*command, *(container.get("args") or [])]]
     if argv[0] in ("python", "python3"):
         argv[0] = venv_python()
@@ -204,26 +226,19 @@ def pod_status(
     restarts: int,
     last_state: JsonObject | None = None,
     pid: int | None = None,
+    init_statuses: list[JsonObject] | None = None,
 ) -> JsonObject:
-    """The whole `status` this kubelet reports for a pod (conditions and container status included)."""
+    """The whole `status` this kubelet reports for a pod (conditions and container statuses included);
+    `init_statuses` while its init containers run (the pod is not Initialized yet)."""
     timestamp = now()
-    container = pod["spec"]["containers"][0]
+    initialized = init_statuses is None
 
     def condition(kind: str, value: bool) -> JsonObject:
         return {"type": kind, "status": "True" if value else "False", "lastTransitionTime": timestamp}
 
-    container_status: JsonObject = {
-        "name": container["name"],
-        "image": container.get("image") or "none",
-        "imageID": "",
-        "ready": ready,
-        "started": "running" in container_state,
-        "restartCount": restarts,
-        "state": container_state,
-        "lastState": last_state or {},
-    }
-    if pid is not None:
-        container_status["containerID"] = f"harness://{pid}"
+    main = container_status(
+        pod["spec"]["containers"][0], container_state, ready, restarts, last_state=last_state, pid=pid
+    )
     return {
         "phase": phase,
         "hostIP": node.ip,
@@ -231,12 +246,48 @@ def pod_status(
         "podIPs": [{"ip": sandbox.ip}],
         "startTime": pod.get("status", {}).get("startTime") or timestamp,
         "conditions": [
-            condition("Initialized", True),
+            condition("Initialized", initialized),
             condition("Ready", ready),
             condition("ContainersReady", ready),
             condition("PodScheduled", True),
         ],
-        "containerStatuses": [container_status],
+        "containerStatuses": [main],
+        **({} if init_statuses is None else {"initContainerStatuses": init_statuses}),
+    }
+
+
+def container_status(
+    container: JsonObject,
+    state: JsonObject,
+    ready: bool,
+    restarts: int,
+    *,
+    last_state: JsonObject | None = None,
+    pid: int | None = None,
+) -> JsonObject:
+    status: JsonObject = {
+        "name": container["name"],
+        "image": container.get("image") or "none",
+        "imageID": "",
+        "ready": ready,
+        "started": "running" in state,
+        "restartCount": restarts,
+        "state": state,
+        "lastState": last_state or {},
+    }
+    if pid is not None:
+        status["containerID"] = f"harness://{pid}"
+    return status
+
+
+def terminated_state(exit_code: int, started_at: str) -> JsonObject:
+    return {
+        "terminated": {
+            "exitCode": exit_code,
+            "reason": "Completed" if exit_code == 0 else "Error",
+            "startedAt": started_at,
+            "finishedAt": now(),
+        }
     }
 
 
@@ -312,11 +363,10 @@ class PodWorker:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _prepare(self, sandbox: Sandbox) -> tuple[list[str], dict[str, str]]:
-        """What the process needs before it starts: its volumes in place, its argv and environment."""
+    async def _prepare(self, sandbox: Sandbox) -> list[tuple[list[str], dict[str, str]]]:
+        """What the processes need before they start: the volumes in place, then each container's argv
+        and environment, init containers first and the main container last."""
         node = self._kubelet.node
-        env = container_environment(self.pod, sandbox, node)
-        argv = container_argv(self.pod["spec"]["containers"][0], env)
         readiness_probe(self.pod["spec"]["containers"][0])
         volumes = PodVolumes(
             self._kubelet.api,
@@ -324,12 +374,20 @@ class PodWorker:
             self._volume_root,
             lambda path: field_value(self.pod, sandbox, node, path),
         )
+        commands = []
         try:
-            mounts = await volumes.materialise()
+            await volumes.materialise()
+            for container in [
+                *(self.pod["spec"].get("initContainers") or []),
+                self.pod["spec"]["containers"][0],
+            ]:
+                env = container_environment(self.pod, container, sandbox, node)
+                argv = container_argv(container, env)
+                commands.append((mount_command(volumes.mounts(container), argv), env))
         except VolumeError as error:
             raise ContainerConfigError(str(error)) from error
         self._start_background(volumes.refresh_forever(), "volumes")
-        return mount_command(mounts, argv), env
+        return commands
 
     async def _probe_readiness(self, probe: JsonObject, status: dict[str, Any]) -> None:
         """Runs the readiness probe for one container run, re-patching the status when Ready flips."""
@@ -362,7 +420,7 @@ class PodWorker:
     async def _run_container(self, sandbox: Sandbox) -> None:
         node = self._kubelet.node
         try:
-            argv, env = await self._prepare(sandbox)
+            *init_commands, (argv, env) = await self._prepare(sandbox)
         except ContainerConfigError as error:
             waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
             await self._patch_status(
@@ -378,21 +436,12 @@ class PodWorker:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_bytes(b"")
         policy = self.pod["spec"].get("restartPolicy", "Always")
+        if not await self._initialise(sandbox, init_commands, log_path, policy):
+            return
         restarts = 0
         last_state: JsonObject | None = None
         while not self.deleting:
-            with log_path.open("ab") as log_file:
-                self._process = await asyncio.create_subprocess_exec(
-                    *netns.enter(sandbox.netns, argv),
-                    env=env,
-                    cwd=REPO_ROOT,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            pid = self._process.pid
-            log.info("%s: started pid %d in %s ip %s: %s", self._key, pid, sandbox.netns, sandbox.ip, argv)
+            pid = await self._spawn(sandbox, argv, env, log_path)
             running = {"running": {"startedAt": now()}}
             probe = readiness_probe(self.pod["spec"]["containers"][0])
             status: dict[str, Any] = {
@@ -418,14 +467,7 @@ class PodWorker:
                 return
             self._process = None
             log.info("%s: pid %d exited with %d", self._key, pid, exit_code)
-            terminated: JsonObject = {
-                "terminated": {
-                    "exitCode": exit_code,
-                    "reason": "Completed" if exit_code == 0 else "Error",
-                    "startedAt": running["running"]["startedAt"],
-                    "finishedAt": now(),
-                }
-            }
+            terminated = terminated_state(exit_code, running["running"]["startedAt"])
             if policy == "Never" or (policy == "OnFailure" and exit_code == 0):
                 phase = "Succeeded" if exit_code == 0 else "Failed"
                 await self._patch_status(
@@ -458,6 +500,84 @@ class PodWorker:
                 )
             )
             await self._wait_for_deletion(backoff)
+
+    async def _spawn(self, sandbox: Sandbox, argv: list[str], env: dict[str, str], log_path: Path) -> int:
+        """Starts a container's process (its output appended to the pod's log); its pid."""
+        with log_path.open("ab") as log_file:
+            self._process = await asyncio.create_subprocess_exec(
+                *netns.enter(sandbox.netns, argv),
+                env=env,
+                cwd=REPO_ROOT,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        pid = self._process.pid
+        log.info("%s: started pid %d in %s ip %s: %s", self._key, pid, sandbox.netns, sandbox.ip, argv)
+        return pid
+
+    async def _initialise(
+        self,
+        sandbox: Sandbox,
+        commands: list[tuple[list[str], dict[str, str]]],
+        log_path: Path,
+        policy: str,
+    ) -> bool:
+        """Runs the init containers in order, each to completion, a failed one again after a back-off
+        (restartPolicy Never: the pod fails). False when the pod ended first (deleted or failed)."""
+        node = self._kubelet.node
+        containers = self.pod["spec"].get("initContainers") or []
+        initializing = {"waiting": {"reason": "PodInitializing"}}
+        statuses = [container_status(container, initializing, False, 0) for container in containers]
+
+        async def report(phase: str) -> None:
+            await self._patch_status(
+                pod_status(
+                    self.pod,
+                    sandbox,
+                    node,
+                    phase=phase,
+                    container_state=initializing,
+                    ready=False,
+                    restarts=0,
+                    init_statuses=statuses,
+                )
+            )
+
+        for index, (container, (argv, env)) in enumerate(zip(containers, commands, strict=True)):
+            restarts = 0
+            while not self.deleting:
+                pid = await self._spawn(sandbox, argv, env, log_path)
+                started_at = now()
+                statuses[index] = container_status(
+                    container, {"running": {"startedAt": started_at}}, False, restarts, pid=pid
+                )
+                await report("Pending")
+                exit_code = await self._wait_for_exit_or_deletion()
+                if exit_code is None:
+                    return False
+                self._process = None
+                log.info(
+                    "%s: init container %s (pid %d) exited with %d",
+                    self._key,
+                    container["name"],
+                    pid,
+                    exit_code,
+                )
+                statuses[index] = container_status(
+                    container, terminated_state(exit_code, started_at), exit_code == 0, restarts
+                )
+                if exit_code == 0:
+                    break
+                if policy == "Never":
+                    await report("Failed")
+                    await self._wait_for_deletion(None)
+                    return False
+                restarts += 1
+                await report("Pending")
+                await self._wait_for_deletion(min(MAX_BACKOFF_SECONDS, 2.0 ** (restarts - 1)))
+        return not self.deleting
 
     async def _wait_for_deletion(self, timeout: float | None) -> None:
         """Returns when the pod is being deleted, or after `timeout` seconds."""

@@ -110,21 +110,24 @@ class PodVolumes:
     def _namespace(self) -> str:
         return str(self._pod["metadata"]["namespace"])
 
-    async def materialise(self) -> list[Mount]:
-        """Writes every volume (waiting a while for required objects) and returns the container's mounts."""
+    async def materialise(self) -> None:
+        """Writes every volume, waiting a while for the objects they need."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOURCE_WAIT_SECONDS
         while True:
             try:
                 await self.write_all()
-                break
+                return
             except _ObjectMissing as missing:
                 if loop.time() > deadline:
                     raise VolumeError(str(missing)) from None
                 await asyncio.sleep(1.0)
+
+    def mounts(self, container: JsonObject) -> list[Mount]:
+        """Where `container`'s volumeMounts come from."""
         by_name = {volume["name"]: volume for volume in self._pod["spec"].get("volumes") or []}
         mounts = []
-        for mount in self._pod["spec"]["containers"][0].get("volumeMounts") or []:
+        for mount in container.get("volumeMounts") or []:
             volume = by_name.get(mount["name"])
             if volume is None:
                 raise VolumeError(f"volumeMount {mount['name']!r} names no volume of the pod")
