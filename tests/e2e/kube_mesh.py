@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,18 +22,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.cluster import Cluster, NodeHandle, PodHandle
 from tests.e2e.install import (
     CA_COMPONENT,
+    DAEMONSET,
     NODE_COMPONENT,
     RELEASE_NAMESPACE,
     Object,
+    get,
     install,
     release_pods,
     uninstall,
     wait_rolled_out,
 )
-from tests.e2e.mesh import ADMIN_PORT, METRICS_PORT, READINESS_PORT, http_get, remove_capture
+from tests.e2e.mesh import ADMIN_PORT, METRICS_PORT, READINESS_PORT, eventually, http_get, remove_capture
+from tests.e2e.scenarios import SLEEP, TRUST_BUNDLE, AgentRollout, ClientResult
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 REDIRECTION = "ambient.istio.io/redirection"
+NAMESPACE_DELETION_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,93 @@ def start_mesh(cluster: Cluster) -> KubeMesh:
         mesh.stop()
         raise
     return mesh
+
+
+class LocalBackend:
+    """The shared scenarios' `MeshBackend` (tests/e2e/scenarios.py) on the local cluster: pods run by
+    the harness kubelet, the client run in the pod's network namespace. The local cluster has no DNS
+    and no kube-proxy: a client reaches a Service by its ClusterIP, which the agents resolve for
+    enrolled clients."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def node_names(self) -> list[str]:
+        return [node.name for node in self.cluster.nodes]
+
+    def workload_nodes(self) -> tuple[str, str]:
+        first, second = self.cluster.nodes[:2]
+        return first.name, second.name
+
+    def create_pod(
+        self,
+        name: str,
+        namespace: str,
+        *,
+        node: str,
+        service_account: str,
+        command: Sequence[str] = SLEEP,
+        labels: Mapping[str, str] | None = None,
+    ) -> PodHandle:
+        return self.cluster.create_pod(
+            name, namespace, node, command=command, labels=labels, service_account=service_account
+        )
+
+    def run_client(self, pod: PodHandle, host: str, port: int, text: str) -> ClientResult:
+        result = talk(self.cluster, pod, host, port, "--send", text, check=False)
+        return ClientResult(result.returncode, result.stdout + result.stderr)
+
+    def redirection(self, pod: PodHandle) -> str | None:
+        return redirection(self.cluster, pod)
+
+    def create_service(self, namespace: str, name: str, selector: Mapping[str, str], port: int) -> str:
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"selector": dict(selector), "ports": [{"port": port, "targetPort": port}]},
+        }
+        [(status, reply)] = self.cluster.apply([service])
+        assert status == 201, reply
+        cluster_ip: str = reply["spec"]["clusterIP"]
+        return cluster_ip
+
+    def create_authorization_policy(self, namespace: str, name: str, spec: Mapping[str, Any]) -> None:
+        policy = {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": dict(spec),
+        }
+        [(status, reply)] = self.cluster.apply([policy])
+        assert status == 201, reply
+
+    def ensure_ambient_namespace(self, namespace: str) -> None:
+        self.cluster.ensure_namespace(namespace)
+        label_namespace(self.cluster, namespace, AMBIENT)
+
+    def delete_namespace(self, namespace: str) -> None:
+        path = f"/api/v1/namespaces/{namespace}"
+        status, reply = self.cluster.api("DELETE", path)
+        assert status in (200, 202), reply
+        assert eventually(lambda: self.cluster.api("GET", path)[0] == 404, NAMESPACE_DELETION_TIMEOUT, 0.5), (
+            f"namespace {namespace} still exists {NAMESPACE_DELETION_TIMEOUT} s after its deletion"
+        )
+
+    def agent_rollout(self) -> AgentRollout:
+        status = get(self.cluster, f"/apis/apps/v1/namespaces/{RELEASE_NAMESPACE}/daemonsets/{DAEMONSET}")[
+            "status"
+        ]
+        return AgentRollout(
+            desired=status.get("desiredNumberScheduled", 0), ready=status.get("numberReady", 0)
+        )
+
+    def trust_bundle(self) -> Mapping[str, str]:
+        data: dict[str, str] = (
+            get(self.cluster, f"/api/v1/namespaces/{RELEASE_NAMESPACE}/configmaps/{TRUST_BUNDLE}").get("data")
+            or {}
+        )
+        return data
 
 
 def tcp_opened(metrics_text: str, **labels: str) -> float:

@@ -7,11 +7,12 @@ deciding Ready.
 Proved here: the kubelet's pod runtime (volumes of every kind the chart uses, a token bound to the pod
 with the projection's audience, mounts invisible to the host, readiness following an httpGet probe both
 ways); the DaemonSet comes up with one Ready agent per node and the CA Deployment becomes available;
-a labelled namespace's pods on two nodes talk through the agents over mutual TLS with the client's
-address kept; uninstalling as `helm uninstall` does runs the chart's pre-delete hook for real (its Job's
-kubectl containers, run as the hook's service account, turn the DaemonSet into pods whose init
-container runs `ambient-agent cleanup`, and wait for them), which alone leaves every node without the
-agent's nftables table, ip rules and routes; then the release is deleted.
+the scenarios shared with the kind suite (tests/e2e/scenarios.py: clients on the same node, on another
+node and through a Service reach an enrolled server that sees their address; an AuthorizationPolicy
+admits only the identity it names) pass; uninstalling as `helm uninstall` does runs the chart's
+pre-delete hook for real (its Job's kubectl containers, run as the hook's service account, turn the
+DaemonSet into pods whose init container runs `ambient-agent cleanup`, and wait for them), which alone
+leaves every node without the agent's nftables table, ip rules and routes; then the release is deleted.
 
 v1.20 serves PodDisruptionBudget only as policy/v1beta1: the budget is applied as its v1beta1
 equivalent (tests/e2e/test_manifests.py `as_served_by_1_20`, which also proves the server refuses v1).
@@ -30,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.chart import renderer
-from tests.e2e.cluster import Cluster, NodeHandle, PodHandle
+from tests.e2e.cluster import Cluster, NodeHandle
 from tests.e2e.install import (
     INSTALL_TIMEOUT,
     NODE_COMPONENT,
@@ -42,19 +43,11 @@ from tests.e2e.install import (
     release_pods,
     uninstall,
 )
-from tests.e2e.kube_mesh import (
-    AMBIENT,
-    KubeMesh,
-    label_namespace,
-    peer_seen,
-    redirection,
-    start_mesh,
-    talk,
-    tcp_opened,
-)
-from tests.e2e.mesh import METRICS_PORT, READINESS_PORT, eventually, http_get
+from tests.e2e.kube_mesh import KubeMesh, LocalBackend, start_mesh
+from tests.e2e.mesh import READINESS_PORT, eventually, http_get
+from tests.e2e.scenarios import SCENARIOS, Scenario
 
-SHOP = "inst-shop"
+SCENARIO_NAMESPACE = "inst-scenarios"
 RUNTIME = "inst-runtime"
 ECHO_PORT = 8080
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -281,45 +274,10 @@ def test_the_daemonset_runs_one_ready_agent_on_every_node(cluster: Cluster, inst
     assert "BEGIN CERTIFICATE" in "".join((bundle.get("data") or {}).values())
 
 
-@pytest.fixture(scope="module")
-def shop(cluster: Cluster, installed: KubeMesh) -> Iterator[tuple[PodHandle, PodHandle]]:
-    node1, node2 = cluster.nodes[:2]
-    echo = ["python", "-m", "agent.testing.echo", "--port", str(ECHO_PORT)]
-    server = cluster.create_pod(
-        "server", SHOP, node2, command=echo, labels={"app": "server"}, service_account="server"
-    )
-    client = cluster.create_pod("client", SHOP, node1, labels={"app": "client"}, service_account="client")
-    yield client, server
-    for pod in (client, server):
-        cluster.delete_pod(pod, wait=False)
-
-
-def test_a_labelled_namespace_talks_over_mutual_tls_across_nodes(
-    cluster: Cluster, shop: tuple[PodHandle, PodHandle]
-) -> None:
-    client, server = shop
-    label_namespace(cluster, SHOP, AMBIENT)
-    assert eventually(lambda: all(redirection(cluster, pod) == "enabled" for pod in (client, server)), 30), (
-        "the shop's pods were not reported enrolled by the DaemonSet's agents"
-    )
-    result = talk(cluster, client, server.ip, ECHO_PORT, "--send", "ping", "--retry-for", "10")
-    assert peer_seen(result) == client.ip, result.stdout + result.stderr
-
-    def mtls_opened() -> float:
-        status, text = http_get(server.node.netns, server.node.ip, METRICS_PORT, "/metrics")
-        assert status == 200, text
-        return tcp_opened(
-            text,
-            reporter="destination",
-            source_workload=client.name,
-            source_principal=f"spiffe://cluster.local/ns/{SHOP}/sa/client",
-            destination_workload=server.name,
-            connection_security_policy="mutual_tls",
-        )
-
-    assert eventually(lambda: mtls_opened() >= 1, 10), (
-        "the destination agent counted no mutual_tls connection"
-    )
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.__name__)
+def test_shared_scenario(installed: KubeMesh, scenario: Scenario) -> None:
+    """The scenarios the kind suite runs too (tests/e2e/scenarios.py)."""
+    scenario(LocalBackend(installed.cluster), SCENARIO_NAMESPACE)
 
 
 def hook_objects(hook: str, name_prefix: str) -> list[Object]:

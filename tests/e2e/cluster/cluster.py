@@ -320,7 +320,7 @@ class Cluster:
             results.append((status, reply))
             if obj["kind"] == "CustomResourceDefinition" and status in (200, 201) and not dry_run:
                 self._wait(
-                    lambda name=metadata["name"]: self._crd_established(name),
+                    functools.partial(self._crd_established, metadata["name"]),
                     time.monotonic() + 30,
                     f"CRD {metadata['name']} established",
                     "kube-apiserver",
