@@ -10,7 +10,8 @@ same run:
 - request/response: 1 KiB each way over one open connection, round-trip p50/p99;
 - new connection: connect, then the first 1 KiB exchange, p50/p99 (through the mesh, over a warm
   pool: the HBONE connection between the agents already exists);
-- agent CPU: user + system seconds of both agents, from /proc, per GB relayed by the throughput runs.
+- agent CPU: user + system seconds of both agents, from /proc, per GB relayed by the throughput runs,
+  and per request/response round trip and per new connection (microseconds, both agents together).
 
 It prints a table and the command. Not a timed test: numbers vary with the machine's load; record
 them in docs/benchmarks.md with the command. The client and server are this file's `measure` and
@@ -173,6 +174,10 @@ class PathResult:
     connect_p99_us: float
     relay_cpu_s_per_gb: float | None
     """User + system CPU of the relay processes (both agents, or both haproxys) per GB relayed."""
+    relay_cpu_us_per_round_trip: float | None
+    """The same relays' CPU per 1 KiB request/response round trip, in µs."""
+    relay_cpu_us_per_connection: float | None
+    """The same relays' CPU per new connection (with its first 1 KiB exchange), in µs."""
     throughput_rounds: list[float]
     """MB/s of each throughput stream, in order (the spread shows how noisy the machine was)."""
 
@@ -335,8 +340,13 @@ def run(args: argparse.Namespace) -> int:
                 cpu += sum(cpu_seconds(pid) for pid in relays) - before
                 relayed += args.bytes
                 rates.append(result["mb_per_s"])
+            before = sum(cpu_seconds(pid) for pid in relays)
             rr = measured(client, host, port, "request-response", args.requests)
+            rr_cpu = sum(cpu_seconds(pid) for pid in relays) - before
+            before = sum(cpu_seconds(pid) for pid in relays)
             connect = measured(client, host, port, "new-connection", args.connections)
+            connect_cpu = sum(cpu_seconds(pid) for pid in relays) - before
+            round_trips = args.requests + args.requests // 10  # the warm-up tenth included
             return PathResult(
                 name=name,
                 throughput_mb_s=statistics.median(rates),
@@ -345,6 +355,8 @@ def run(args: argparse.Namespace) -> int:
                 connect_p50_us=connect["p50_us"],
                 connect_p99_us=connect["p99_us"],
                 relay_cpu_s_per_gb=cpu / (relayed / 1e9) if relays else None,
+                relay_cpu_us_per_round_trip=rr_cpu / round_trips * 1e6 if relays else None,
+                relay_cpu_us_per_connection=connect_cpu / args.connections * 1e6 if relays else None,
                 throughput_rounds=rates,
             )
 
@@ -395,15 +407,20 @@ def report(results: Sequence[PathResult], args: argparse.Namespace) -> str:
         f" request/response: {args.requests} x 1 KiB; new connections: {args.connections}",
         "",
         "| path | throughput MB/s | 1 KiB RTT p50 / p99 (us) | new connection p50 / p99 (us) "
-        "| relay CPU s per GB |",
-        "|---|---|---|---|---|",
+        "| relay CPU s per GB | relay CPU per round trip / per new connection (us) |",
+        "|---|---|---|---|---|---|",
     ]
     for result in results:
         cpu = "-" if result.relay_cpu_s_per_gb is None else f"{result.relay_cpu_s_per_gb:.2f}"
+        per_op = (
+            "-"
+            if result.relay_cpu_us_per_round_trip is None or result.relay_cpu_us_per_connection is None
+            else f"{result.relay_cpu_us_per_round_trip:.0f} / {result.relay_cpu_us_per_connection:.0f}"
+        )
         lines.append(
             f"| {result.name} | {result.throughput_mb_s:.0f}"
             f" | {result.rr_p50_us:.0f} / {result.rr_p99_us:.0f}"
-            f" | {result.connect_p50_us:.0f} / {result.connect_p99_us:.0f} | {cpu} |"
+            f" | {result.connect_p50_us:.0f} / {result.connect_p99_us:.0f} | {cpu} | {per_op} |"
         )
     lines.append("")
     for result in others:

@@ -33,6 +33,7 @@ from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream, StreamState
 from h2.windows import WindowManager
+from hpack import Encoder
 from hyperframe.frame import Frame, GoAwayFrame
 
 from agent.hbone.config import HTTP2_MIN_WINDOW, HboneSettings
@@ -147,6 +148,18 @@ class _ReceiveFrameBuffer(FrameBuffer):
         return frame
 
 
+class _LiteralEncoder(Encoder):
+    """hpack's encoder with string literals sent as they are, not Huffman-coded.
+
+    hpack codes Huffman strings in Python, a bit at a time: on every new tunnel the sender coded
+    the `forwarded` value and the receiver decoded it, for a dozen bytes saved on a connection that
+    carries megabytes. RFC 7541 lets each literal be sent either way; every decoder reads both.
+    """
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
 class _Stream:
     """What this side tracks of one open tunnel beyond h2's own stream state."""
 
@@ -203,6 +216,7 @@ class HboneConnection:
         }
         if client_side:
             initial_settings[SettingCodes.ENABLE_PUSH] = 0
+        self._h2.encoder = _LiteralEncoder()
         self._h2.local_settings = Settings(client=client_side, initial_values=initial_settings)
         self._h2.max_inbound_frame_size = settings.max_frame_size
         self._frames = _ReceiveFrameBuffer(server=not client_side)
@@ -615,8 +629,14 @@ class HboneConnection:
             data = bytes(data[:size])  # a view of a buffer the caller may reuse before sending
         stream_id = stream.stream_id
         if size == len(data) and size <= max_frame:
-            outbound.append(FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id))
-            outbound.append(data)
+            header = FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id)
+            if size < _PAYLOAD_LEFT_AS_IS:
+                # Joined now rather than by `data_to_send_parts`: a small chunk (an interactive
+                # request or answer) then leaves as one part, without another pass over the parts.
+                outbound.append(header + data)
+            else:
+                outbound.append(header)
+                outbound.append(data)
         else:
             view = memoryview(data)
             for offset in range(0, size, max_frame):

@@ -101,20 +101,34 @@ class AccessRecord:
         fields = self.as_dict()
         if log_format == "json":
             return json.dumps({"message": "connection complete", **fields}, separators=(",", ":"))
-        return " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-
-
-def _text_value(value: object) -> str:
-    text = str(value)
-    return json.dumps(text) if (" " in text or '"' in text or not text) else text
+        parts = []
+        for key, value in fields.items():
+            text = str(value)
+            if " " in text or '"' in text or not text:
+                text = json.dumps(text)
+            parts.append(f"{key}={text}")
+        return " ".join(parts)
 
 
 class AccessLog:
-    """Writes access records to the access logger in the configured format."""
+    """Writes access records to the access logger in the configured format.
+
+    A line is an INFO record of the access logger, as `logger.info(line)` makes it, except that the
+    record names this method as its origin instead of finding its caller: `logging` walks the stack
+    for that on every record, and a line is written for every connection.
+    """
 
     def __init__(self, log_format: LogFormat = "text", logger: logging.Logger | None = None) -> None:
         self._format: LogFormat = log_format
         self._logger = logger or logging.getLogger(ACCESS_LOGGER)
 
     def write(self, record: AccessRecord) -> None:
-        self._logger.info(record.format(self._format))
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        line = record.format(self._format)
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, *_ORIGIN, line, (), None, "write"))
+
+
+_ORIGIN = (__file__, AccessLog.write.__code__.co_firstlineno)
+"""The path and line an access-log record names as where it was made (`AccessLog.write`)."""

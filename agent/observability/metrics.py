@@ -94,6 +94,24 @@ class TcpLabels:
     response_flags: str = "-"
     """Envoy-style response flags: "-" for none; e.g. `UF` upstream failure, `UH` no healthy upstream."""
 
+    _hash: int = field(init=False, repr=False, compare=False)
+    """The hash, computed once: a connection's labels key several counters, and the generated
+    hash of a nested dataclass rebuilds and hashes every field's tuple on each lookup."""
+
+    def __post_init__(self) -> None:
+        key = (
+            self.reporter,
+            self.source,
+            self.destination,
+            self.service,
+            self.security_policy,
+            self.response_flags,
+        )
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     def values(self) -> tuple[str, ...]:
         """Label values in the order of `LABEL_NAMES`."""
         return (
@@ -183,10 +201,11 @@ class TcpMetrics(Collector):
         self._failed: defaultdict[TcpLabels, int] = defaultdict(int)
         self._sent: defaultdict[TcpLabels, int] = defaultdict(int)
         self._received: defaultdict[TcpLabels, int] = defaultdict(int)
+        self._opened_keys: dict[TcpLabels, TcpLabels] = {}
 
     def opened(self, labels: TcpLabels) -> TrackedConnection:
         """Counts a new connection and returns the handle the pump updates."""
-        connection = TrackedConnection(labels, next(self._ids))
+        connection = TrackedConnection(self._interned(labels), next(self._ids))
         self._live[connection.id] = connection
         self._opened[labels] += 1
         return connection
@@ -194,6 +213,16 @@ class TcpMetrics(Collector):
     def failed(self, labels: TcpLabels) -> None:
         """Counts a connection that could not be established (denied, refused, no route)."""
         self._failed[labels] += 1
+
+    def _interned(self, labels: TcpLabels) -> TcpLabels:
+        """The one instance of each label set that has counted something.
+
+        A connection's labels key five counters. An equal but distinct instance costs a full
+        comparison (its nested label dataclasses rebuilt as tuples, field by field) on every one of
+        those lookups; the interned one is found by identity. Label sets never leave the counters,
+        so this keeps no more than the counters do.
+        """
+        return self._opened_keys.setdefault(labels, labels)
 
     def closed(self, connection: TrackedConnection) -> None:
         """Folds a finished connection's bytes into the totals; idempotent per connection."""

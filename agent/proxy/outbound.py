@@ -81,13 +81,14 @@ class OutboundProxy:
         self, downstream: TcpEnd, client: Address, destination: Address, accepted_at: float
     ) -> None:
         snapshot = self._snapshot()
+        client_ip = ip_address(client.ip)
         decision = decide_outbound(
             snapshot,
-            ip_address(client.ip),
+            client_ip,
             StateAddress(ip_address(destination.ip), destination.port),
             pick=self._pick,
         )
-        source = snapshot.workload(ip_address(client.ip))
+        source = snapshot.workload(client_ip)
         match decision:
             case Refuse():
                 leg = Leg(
@@ -143,7 +144,11 @@ class OutboundProxy:
                     )
                 else:
                     await self._tunnel(
-                        downstream, client, decision, snapshot, leg=leg, accepted_at=accepted_at
+                        downstream,
+                        SocketAddress(client_ip, client.port),
+                        decision,
+                        leg=leg,
+                        accepted_at=accepted_at,
                     )
             case _:
                 assert_never(decision)
@@ -188,9 +193,8 @@ class OutboundProxy:
     async def _tunnel(
         self,
         downstream: TcpEnd,
-        client: Address,
+        client: SocketAddress,
         tunnel: Tunnel,
-        snapshot: Snapshot,
         *,
         leg: Leg,
         accepted_at: float,
@@ -213,7 +217,7 @@ class OutboundProxy:
             credential,
             self._credentials.trust_bundle(),
             SocketAddress(tunnel.target.ip, tunnel.target.port),
-            SocketAddress(ip_address(client.ip), client.port),
+            client,
         )
         if isinstance(stream, TunnelNotOpened):
             denied = stream.declined is not None and stream.declined.failure is TunnelFailure.DENIED

@@ -289,8 +289,11 @@ async def connect_socket(sock: socket.socket, destination: tuple[str, int], time
     """
     error = sock.connect_ex(destination)
     if error == errno.EINPROGRESS:
+        if _established(sock):
+            return
+        # Not connected: refused already (the pod's RST came within the call), or on its way.
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if not error and not _established(sock):
+        if not error:
             await _writable(sock, timeout_s)
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:

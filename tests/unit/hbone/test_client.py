@@ -9,6 +9,7 @@ import h2.events
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from hpack import NeverIndexedHeaderTuple
 
 from agent.hbone import (
     ClientEvent,
@@ -226,3 +227,19 @@ def test_many_concurrent_tunnels_each_carry_their_own_bytes() -> None:
     wire.pump()
     assert (wire.client.open_stream_count, wire.server.open_stream_count) == (0, 0)
     assert wire.client._h2.open_outbound_streams == 0
+
+
+def test_the_forwarded_client_stays_out_of_the_header_tables_and_is_sent_as_it_is() -> None:
+    # Every tunnel names a new client port: indexed, these values would fill both sides' HPACK
+    # tables with entries never reused; Huffman-coded, they cost both sides Python bit loops.
+    client = HboneClientConnection()
+    server = RawServer(client)
+    for port in range(40000, 40050):
+        client.open_tunnel(TARGET, SocketAddress(CLIENT.ip, port))
+        to_server = client.data_to_send()
+        assert f'for="{CLIENT.ip}:{port}"'.encode() in to_server
+        [request] = [e for e in server.h2.receive_data(to_server) if isinstance(e, h2.events.RequestReceived)]
+        assert request.headers[2] == (b"forwarded", f'for="{CLIENT.ip}:{port}"'.encode())
+        assert isinstance(request.headers[2], NeverIndexedHeaderTuple)
+    table = [name for name, _ in server.h2.decoder.header_table.dynamic_entries]
+    assert sorted(table) == [b":authority", b":method"]

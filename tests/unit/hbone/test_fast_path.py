@@ -40,6 +40,7 @@ from agent.hbone import (
     HboneSettings,
     RefusalReason,
 )
+from agent.hbone.connection import FRAME_HEADER
 from tests.unit.hbone.wire import CLIENT, TARGET, Wire, merged, received_bytes
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -526,6 +527,16 @@ def test_large_payloads_are_handed_on_uncopied_and_small_frames_together() -> No
     events = wire.server.receive_data(b"".join(parts))
     assert received_bytes(events, stream_id) == b"small" + large + b"tail"
     assert wire.client.data_to_send_parts() == []
+
+
+def test_a_small_chunk_leaves_as_one_part_with_its_frame_header() -> None:
+    wire = Wire()
+    stream_id = wire.open()
+    request = payload(1024)
+    wire.client.send_data(stream_id, request)
+    [part] = wire.client.data_to_send_parts()
+    assert part == FRAME_HEADER.pack(0, 1024, 0, 0, stream_id) + request
+    assert received_bytes(wire.server.receive_data(part), stream_id) == request
 
 
 def test_a_payload_split_into_frames_is_handed_on_as_views_of_it() -> None:

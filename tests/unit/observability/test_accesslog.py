@@ -59,3 +59,27 @@ def test_access_log_writes_to_its_own_logger(caplog: pytest.LogCaptureFixture) -
     [entry] = caplog.records
     assert entry.name == ACCESS_LOGGER
     assert json.loads(entry.getMessage())["bytes_sent"] == 1500
+
+
+def test_access_records_are_info_records_made_by_the_access_log(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        AccessLog("text").write(record())
+    [entry] = caplog.records
+    assert (entry.levelname, entry.funcName, entry.module) == ("INFO", "write", "accesslog")
+    assert entry.getMessage() == record().format("text")
+
+
+def test_access_log_respects_the_logger_level(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=ACCESS_LOGGER):
+        AccessLog("text").write(record())
+    assert caplog.records == []
+
+
+def test_text_line_is_exactly_the_fields_in_order() -> None:
+    line = record(error='upstream said "no"').format("text")
+    assert line == (
+        "direction=outbound src.addr=10.244.1.5:40000 src.workload=sleep src.namespace=demo"
+        f" src.identity={CLIENT.principal} dst.addr=10.244.2.7:8080 dst.workload=echo"
+        f" dst.namespace=demo dst.identity={SERVER.principal} bytes_sent=1500 bytes_recv=42"
+        ' duration_ms=250.0 error="upstream said \\"no\\""'
+    )

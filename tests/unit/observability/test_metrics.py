@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -139,3 +139,20 @@ def test_failures_count_with_their_response_flag() -> None:
     metrics.tcp.failed(denied)
     [(labels, value)] = samples(metrics)["istio_tcp_connections_failed_total"]
     assert (labels["response_flags"], value) == ("DENY", 1)
+
+
+def test_connections_with_equal_labels_share_one_label_instance() -> None:
+    metrics = AgentMetrics()
+    first = metrics.tcp.opened(replace(LABELS))
+    second = metrics.tcp.opened(replace(LABELS))
+    assert second.labels is first.labels
+
+
+def test_labels_made_by_replacing_a_field_are_counted_apart() -> None:
+    metrics = AgentMetrics()
+    metrics.tcp.failed(replace(LABELS, response_flags="UF"))
+    metrics.tcp.failed(replace(LABELS, response_flags="UH"))
+    metrics.tcp.failed(replace(LABELS, response_flags="UF"))
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+    failed = {s.labels["response_flags"]: s.value for s in families["istio_tcp_connections_failed"].samples}
+    assert failed == {"UF": 2.0, "UH": 1.0}
