@@ -17,6 +17,7 @@ from agent.hbone import (
     HboneServerConnection,
     HboneSettings,
     MalformedTunnelRequest,
+    OutboundBufferDrained,
     PeerHalfClosed,
     RefusalReason,
     StreamReset,
@@ -26,7 +27,7 @@ from agent.hbone import (
     TunnelRequested,
 )
 from agent.hbone.request import Header
-from tests.unit.hbone.wire import CLIENT, TARGET, Wire, received_bytes
+from tests.unit.hbone.wire import CLIENT, TARGET, Wire, merged, received_bytes
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -115,6 +116,52 @@ def test_early_data_of_a_refused_tunnel_gives_its_window_back() -> None:
     # Nobody acknowledged those bytes, yet the whole connection window is open again.
     second = wire.open()
     assert wire.client.send_data(second, b"s" * 65_535) == 0
+
+
+def test_bytes_sent_ahead_of_the_answer_hold_their_window_until_acknowledged() -> None:
+    smallest = HboneSettings(stream_window=65_535, connection_window=65_535)
+    wire = Wire(smallest, smallest)
+    early = wire.client.open_tunnel(TARGET, CLIENT)
+    assert wire.client.send_data(early, b"e" * 65_535) == 0
+    _, server_events = wire.pump()
+    assert merged(server_events) == [
+        TunnelRequested(early, TARGET, CLIENT),
+        DataReceived(early, b"e" * 65_535, 65_535),
+    ]
+    other = wire.client.open_tunnel(TARGET, CLIENT)
+    assert wire.client.send_data(other, b"o") == 1  # the unanswered tunnel holds the whole window
+    wire.pump()
+    assert wire.server.accept(early)
+    client_events, _ = wire.pump()
+    assert client_events == [TunnelEstablished(early, 200)]
+    assert wire.client.outbound_buffered(other) == 1  # answering hands no window back
+    wire.server.acknowledge_received_data(early, 65_535)
+    client_events, server_events = wire.pump()
+    assert OutboundBufferDrained(other) in client_events
+    assert received_bytes(server_events, other) == b"o"
+
+
+def test_end_stream_ahead_of_the_answer_half_closes_the_accepted_tunnel() -> None:
+    wire = Wire()
+    stream_id = wire.client.open_tunnel(TARGET, CLIENT)
+    wire.client.send_data(stream_id, b"request")
+    wire.client.end_stream(stream_id)
+    _, server_events = wire.pump()
+    assert merged(server_events) == [
+        TunnelRequested(stream_id, TARGET, CLIENT),
+        DataReceived(stream_id, b"request", 7),
+        PeerHalfClosed(stream_id),
+    ]
+    assert wire.server.accept(stream_id)
+    wire.server.send_data(stream_id, b"answer")
+    wire.server.end_stream(stream_id)
+    client_events, _ = wire.pump()
+    assert merged(client_events) == [
+        TunnelEstablished(stream_id, 200),
+        DataReceived(stream_id, b"answer", 6),
+        PeerHalfClosed(stream_id),
+    ]
+    assert (wire.client.open_stream_count, wire.server.open_stream_count) == (0, 0)
 
 
 def test_answers_to_gone_streams_are_no_ops() -> None:
@@ -256,6 +303,20 @@ def test_tunnel_opened_while_the_goaway_travels_is_refused_retryably() -> None:
     goaway = last_frame(wire.server.data_to_send())
     assert isinstance(goaway, GoAwayFrame)
     assert goaway.last_stream_id == served < raced
+
+
+def test_bytes_ahead_of_the_answer_on_a_tunnel_refused_by_the_drain_give_their_window_back() -> None:
+    smallest = HboneSettings(stream_window=65_535, connection_window=65_535)
+    wire = Wire(smallest, smallest)
+    served = wire.open()
+    wire.server.start_drain()
+    raced = wire.client.open_tunnel(TARGET, CLIENT)
+    assert wire.client.send_data(raced, b"r" * 65_535) == 0
+    _, server_events = wire.pump()
+    assert server_events == []
+    assert wire.client.send_data(served, b"s" * 65_535) == 0
+    _, server_events = wire.pump()
+    assert received_bytes(server_events, served) == b"s" * 65_535
 
 
 def last_frame(wire_bytes: bytes) -> Frame:
