@@ -14,6 +14,7 @@ from agent.hbone.errors import ErrorCode, HboneUsageError, RefusalReason, Tunnel
 from agent.hbone.events import (
     ClientEvent,
     ConnectionClosing,
+    ConnectionEvent,
     ConnectionFailed,
     DataReceived,
     MalformedTunnelRequest,
@@ -32,6 +33,7 @@ from agent.hbone.server import HboneServerConnection
 __all__ = [
     "ClientEvent",
     "ConnectionClosing",
+    "ConnectionEvent",
     "ConnectionFailed",
     "DataReceived",
     "ErrorCode",

@@ -111,28 +111,18 @@ class ConnectionFailed:
     detail: str
 
 
-ClientEvent = (
-    TunnelEstablished
-    | TunnelRefused
-    | DataReceived
-    | PeerHalfClosed
+ConnectionEvent = (
+    PeerHalfClosed
     | StreamReset
     | OutboundBufferDrained
     | PingAcknowledged
     | ConnectionClosing
     | ConnectionFailed
 )
+"""What either end of an HBONE connection can report besides tunnel openings and data."""
+
+ClientEvent = TunnelEstablished | TunnelRefused | DataReceived | ConnectionEvent
 """Everything `HboneClientConnection.receive_data` can report."""
 
-ServerEvent = (
-    TunnelRequested
-    | MalformedTunnelRequest
-    | DataReceived
-    | PeerHalfClosed
-    | StreamReset
-    | OutboundBufferDrained
-    | PingAcknowledged
-    | ConnectionClosing
-    | ConnectionFailed
-)
+ServerEvent = TunnelRequested | MalformedTunnelRequest | DataReceived | ConnectionEvent
 """Everything `HboneServerConnection.receive_data` can report."""

@@ -32,6 +32,7 @@ from typing import assert_never, cast
 
 from agent.hbone import (
     ConnectionClosing,
+    ConnectionEvent,
     ConnectionFailed,
     DataReceived,
     ErrorCode,
@@ -399,37 +400,40 @@ class HboneDriver(asyncio.BufferedProtocol, ABC):
             return
         stream.data_received(event.data, event.flow_controlled_length)
 
-    def _on_peer_half_closed(self, event: PeerHalfClosed) -> None:
-        if (stream := self.streams.get(event.stream_id)) is not None:
-            stream.peer_ended()
-
-    def _on_stream_reset(self, event: StreamReset) -> None:
-        if (stream := self.streams.get(event.stream_id)) is not None:
-            who = "by the peer" if event.by_peer else "for a protocol violation"
-            stream.ended(
-                f"tunnel reset {who} ({event.error_code.name})",
-                retryable=event.error_code is ErrorCode.REFUSED_STREAM,
-            )
-
-    def _on_outbound_drained(self, event: OutboundBufferDrained) -> None:
-        if (stream := self.streams.get(event.stream_id)) is not None:
-            stream.outbound_drained()
-
-    def _on_ping_acknowledged(self, event: PingAcknowledged) -> None:
-        self._ping_outstanding = False
-
-    def _on_connection_closing(self, event: ConnectionClosing) -> None:
-        log.debug("HBONE peer %s going away (%s)", self.peer_address, event.error_code.name)
-        self.close_when_idle = True
-        if not self.streams:
-            self.close()
-
-    def _on_connection_failed(self, event: ConnectionFailed) -> None:
-        log.warning(
-            "HBONE peer %s broke HTTP/2 (%s): %s", self.peer_address, event.error_code.name, event.detail
-        )
-        self._abort_reason = f"HBONE peer broke HTTP/2: {event.detail}"
-        # The queued GOAWAY goes out with the next flush, which then closes the transport.
+    def _on_connection_event(self, event: ConnectionEvent) -> None:
+        """What both sides do with an event that is neither a tunnel opening nor data."""
+        match event:
+            case PeerHalfClosed():
+                if (stream := self.streams.get(event.stream_id)) is not None:
+                    stream.peer_ended()
+            case StreamReset():
+                if (stream := self.streams.get(event.stream_id)) is not None:
+                    who = "by the peer" if event.by_peer else "for a protocol violation"
+                    stream.ended(
+                        f"tunnel reset {who} ({event.error_code.name})",
+                        retryable=event.error_code is ErrorCode.REFUSED_STREAM,
+                    )
+            case OutboundBufferDrained():
+                if (stream := self.streams.get(event.stream_id)) is not None:
+                    stream.outbound_drained()
+            case PingAcknowledged():
+                self._ping_outstanding = False
+            case ConnectionClosing():
+                log.debug("HBONE peer %s going away (%s)", self.peer_address, event.error_code.name)
+                self.close_when_idle = True
+                if not self.streams:
+                    self.close()
+            case ConnectionFailed():
+                log.warning(
+                    "HBONE peer %s broke HTTP/2 (%s): %s",
+                    self.peer_address,
+                    event.error_code.name,
+                    event.detail,
+                )
+                self._abort_reason = f"HBONE peer broke HTTP/2: {event.detail}"
+                # The queued GOAWAY goes out with the next flush, which then closes the transport.
+            case _:
+                assert_never(event)
 
     # Timers.
 
@@ -555,20 +559,8 @@ class HboneServerDriver(HboneDriver):
                     self._on_tunnel(self, stream, event)
                 case MalformedTunnelRequest():
                     self._on_malformed(self, event)
-                case PeerHalfClosed():
-                    self._on_peer_half_closed(event)
-                case StreamReset():
-                    self._on_stream_reset(event)
-                case OutboundBufferDrained():
-                    self._on_outbound_drained(event)
-                case PingAcknowledged():
-                    self._on_ping_acknowledged(event)
-                case ConnectionClosing():
-                    self._on_connection_closing(event)
-                case ConnectionFailed():
-                    self._on_connection_failed(event)
                 case _:
-                    assert_never(event)
+                    self._on_connection_event(event)
 
 
 class HboneClientDriver(HboneDriver):
@@ -621,17 +613,5 @@ class HboneClientDriver(HboneDriver):
                         stream.gone = True
                         self.forget(stream)
                         stream.answered(TunnelDeclined(event.status, event.failure))
-                case PeerHalfClosed():
-                    self._on_peer_half_closed(event)
-                case StreamReset():
-                    self._on_stream_reset(event)
-                case OutboundBufferDrained():
-                    self._on_outbound_drained(event)
-                case PingAcknowledged():
-                    self._on_ping_acknowledged(event)
-                case ConnectionClosing():
-                    self._on_connection_closing(event)
-                case ConnectionFailed():
-                    self._on_connection_failed(event)
                 case _:
-                    assert_never(event)
+                    self._on_connection_event(event)
