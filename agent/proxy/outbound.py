@@ -105,13 +105,8 @@ class OutboundProxy:
                 labels = TcpLabels(
                     "source", peer_labels(source), peer_labels(snapshot.workload(decision.target.ip))
                 )
-                leg = Leg("outbound", labels, str(client), str(destination))
                 await self._direct(
-                    downstream,
-                    client,
-                    Address(str(decision.target.ip), decision.target.port),
-                    leg,
-                    accepted_at,
+                    downstream, client, destination, decision.target, labels=labels, accepted_at=accepted_at
                 )
             case LoadBalanced():
                 labels = TcpLabels(
@@ -120,13 +115,8 @@ class OutboundProxy:
                     peer_labels(decision.endpoint.workload),
                     service_labels(decision.service),
                 )
-                leg = Leg("outbound", labels, str(client), str(destination))
                 await self._direct(
-                    downstream,
-                    client,
-                    Address(str(decision.target.ip), decision.target.port),
-                    leg,
-                    accepted_at,
+                    downstream, client, destination, decision.target, labels=labels, accepted_at=accepted_at
                 )
             case Tunnel():
                 labels = TcpLabels(
@@ -154,33 +144,32 @@ class OutboundProxy:
                 assert_never(decision)
 
     async def _direct(
-        self, downstream: TcpEnd, client: Address, target: Address, leg: Leg, accepted_at: float
+        self,
+        downstream: TcpEnd,
+        client: Address,
+        destination: Address,
+        connect_to: StateAddress,
+        *,
+        labels: TcpLabels,
+        accepted_at: float,
     ) -> None:
-        """Plain TCP to `target`, from the client's IP."""
+        """Plain TCP to `connect_to` (the original `destination`, or a Service endpoint), from the
+        client's IP."""
+        leg = Leg("outbound", labels, str(client), str(destination))
+        target = Address(str(connect_to.ip), connect_to.port)
         timeout_s = self._settings.connect_timeout_s
+        failure: str | None = None
         try:
             sock = upstream_socket(target, mark=self._settings.upstream_mark, source=Address(client.ip, 0))
             upstream = await connect_tcp_end(sock, (target.ip, target.port), timeout_s)
         except SocketSetupError as error:
-            self._fail(downstream, leg, ResponseFlag.UPSTREAM_FAILURE, str(error), accepted_at)
-            return
+            failure = str(error)
         except TimeoutError:
-            self._fail(
-                downstream,
-                leg,
-                ResponseFlag.UPSTREAM_FAILURE,
-                f"{target} did not answer within {timeout_s:g}s",
-                accepted_at,
-            )
-            return
+            failure = f"{target} did not answer within {timeout_s:g}s"
         except OSError as error:
-            self._fail(
-                downstream,
-                leg,
-                ResponseFlag.UPSTREAM_FAILURE,
-                f"cannot connect to {target}: {error}",
-                accepted_at,
-            )
+            failure = f"cannot connect to {target}: {error}"
+        if failure is not None:
+            self._fail(downstream, leg, ResponseFlag.UPSTREAM_FAILURE, failure, accepted_at)
             return
         if downstream.lost.done():
             upstream.abort()
