@@ -109,6 +109,12 @@ def release_pods(cluster: Cluster, selector: str) -> list[dict[str, Any]]:
     return found
 
 
+def namespace_gone(cluster: Cluster, namespace: str) -> bool:
+    """Whether the namespace no longer exists (deleted, its objects with it)."""
+    status, _ = cluster.api("GET", f"/api/v1/namespaces/{namespace}")
+    return status == 404
+
+
 def uninstall(cluster: Cluster, objects: list[Object]) -> None:
     """Deletes what was installed but the CRDs (Helm keeps those too) and waits until the release's
     namespace is gone, so its pods have stopped. The capture stays on the nodes: removing it is
@@ -125,9 +131,5 @@ def uninstall(cluster: Cluster, objects: list[Object]) -> None:
             *(["-n", obj["metadata"]["namespace"]] if "namespace" in obj["metadata"] else []),
         )
 
-    def namespace_gone() -> bool:
-        status, _ = cluster.api("GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}")
-        return status == 404
-
-    if not eventually(namespace_gone, INSTALL_TIMEOUT, 0.5):
+    if not eventually(lambda: namespace_gone(cluster, RELEASE_NAMESPACE), INSTALL_TIMEOUT, 0.5):
         raise RuntimeError("the release namespace was not deleted")

@@ -28,6 +28,7 @@ from tests.e2e.install import (
     Object,
     get,
     install,
+    namespace_gone,
     release_pods,
     uninstall,
     wait_rolled_out,
@@ -179,10 +180,9 @@ class LocalBackend:
         label_namespace(self.cluster, namespace, AMBIENT)
 
     def delete_namespace(self, namespace: str) -> None:
-        path = f"/api/v1/namespaces/{namespace}"
-        status, reply = self.cluster.api("DELETE", path)
+        status, reply = self.cluster.api("DELETE", f"/api/v1/namespaces/{namespace}")
         assert status in (200, 202), reply
-        assert eventually(lambda: self.cluster.api("GET", path)[0] == 404, NAMESPACE_DELETION_TIMEOUT, 0.5), (
+        assert eventually(lambda: namespace_gone(self.cluster, namespace), NAMESPACE_DELETION_TIMEOUT, 0.5), (
             f"namespace {namespace} still exists {NAMESPACE_DELETION_TIMEOUT} s after its deletion"
         )
 

@@ -49,7 +49,6 @@ from tests.e2e.scenarios import SCENARIOS, Scenario
 
 SCENARIO_NAMESPACE = "inst-scenarios"
 RUNTIME = "inst-runtime"
-ECHO_PORT = 8080
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 POD_MOUNTS = "/run/ambient-e2e-pod"
 """Where the test pod's other volumes go: the kubelet creates missing mount points on the host (empty),
