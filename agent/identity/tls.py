@@ -13,6 +13,7 @@ import os
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 
@@ -20,6 +21,26 @@ from agent.identity.certificates import TrustBundle, WorkloadCertificate, leaf_p
 from agent.identity.spiffe import InvalidSpiffeId, MissingUriSan, SpiffeId
 
 ALPN_HBONE = "h2"
+
+
+class _DirectSslObject(ssl.SSLObject):
+    """`ssl.SSLObject` whose `read`, `write` and `pending` are OpenSSL's own methods, not wrappers.
+
+    An asyncio TLS transport calls these for every record, and at least twice per received record
+    (the second read ends in SSLWantReadError). `ssl.SSLObject`'s versions are Python functions
+    that only pass their arguments on to the `_ssl` object; binding the `_ssl` methods on the
+    instance removes a Python frame from each call, and the traceback entry the exception of each
+    read that finds nothing more picks up on its way out. Same results and errors; `read` needs its
+    size (OpenSSL's has no default of 1024), which every TLS transport passes.
+    """
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> _DirectSslObject:
+        # `_create` is how `SSLContext.wrap_bio` builds its object (typeshed leaves it and `_sslobj` out).
+        self: _DirectSslObject = super()._create(*args, **kwargs)  # type: ignore[misc]
+        native = self._sslobj  # type: ignore[attr-defined]
+        vars(self).update(read=native.read, write=native.write, pending=native.pending)
+        return self
 
 
 def _load_credential(context: ssl.SSLContext, credential: WorkloadCertificate) -> None:
@@ -48,6 +69,7 @@ def _mutual_tls_context(
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.load_verify_locations(cadata=bundle.to_pem().decode("ascii"))
     context.set_alpn_protocols([ALPN_HBONE])
+    context.sslobject_class = _DirectSslObject
     _load_credential(context, credential)
     return context
 

@@ -4,6 +4,7 @@ and the SPIFFE check of the peer that follows every handshake."""
 from __future__ import annotations
 
 import ssl
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -74,7 +75,7 @@ def handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> Link:
         # A TLS 1.3 client finishes before the server judges its certificate: the refusal reaches
         # it as an alert on its first read.
         try:
-            link.client.read()
+            link.client.read(1024)
         except ssl.SSLError as error:
             link.client_error = error
     return link
@@ -113,7 +114,24 @@ def test_mutual_tls13_with_h2_between_two_identities_of_one_root(
     assert verify_peer(link.server.getpeercert(binary_form=True), {CLIENT}) == PeerVerified(CLIENT)
     link.client.write(b"ping")
     link.carry()
-    assert link.server.read() == b"ping"
+    assert link.server.read(1024) == b"ping"
+
+
+def test_tls_objects_call_openssl_without_python_wrappers(
+    ca: EphemeralCa, client_cert: WorkloadCertificate, server_cert: WorkloadCertificate
+) -> None:
+    link = handshake(client_context(client_cert, ca.bundle), server_context(server_cert, ca.bundle))
+    for side in (link.client, link.server):
+        for method in (side.read, side.write, side.pending):
+            assert isinstance(method, types.BuiltinMethodType), method
+    buffer = bytearray(16)
+    assert link.client.write(b"ping") == 4
+    link.carry()
+    assert link.server.pending() == 0  # nothing decrypted before the read asks
+    assert link.server.read(len(buffer), buffer) == 4
+    assert bytes(buffer[:4]) == b"ping"
+    with pytest.raises(ssl.SSLWantReadError):
+        link.server.read(len(buffer), buffer)
 
 
 def test_a_client_without_a_certificate_is_refused(ca: EphemeralCa, server_cert: WorkloadCertificate) -> None:
