@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from tests.e2e.cluster import Cluster, Layout, netns
+from tests.e2e.cluster import Cluster, Layout, fabric, netns
 from tests.e2e.cluster.fabric import leftovers
 
 ECHO_PORT = 8080
@@ -240,16 +240,38 @@ def test_daemonset_gets_one_running_pod_per_node(cluster: Cluster) -> None:
             time.sleep(0.2)
 
 
-def test_teardown_leaves_nothing_behind(cluster: Cluster, tmp_path: Path) -> None:
-    """A second, one-node cluster side by side with the session's, removed with everything it made."""
-    layout = Layout(prefix=cluster.layout.prefix + "td", state_dir=tmp_path / "state", node_count=1)
-    other = Cluster.up(layout)
-    pod = other.create_pod("left-running", node=other.nodes[0], command=echo_command())
-    assert pod.netns is not None
-    assert netns.alive(pod.pid)
-    other.down()
-    assert leftovers(layout) == []
-    assert not netns.alive(pod.pid)
-    assert not layout.state_dir.exists()
+def test_cluster_command_starts_a_usable_cluster_and_removes_everything(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`make cluster-up` / `make cluster-down` (`python -m tests.e2e.cluster up|down`): a second,
+    one-node cluster side by side with the session's. `up` prints a `kubectl get nodes` line that
+    works as printed; `down`, given only the state directory, removes it with a pod still running.
+    The session fixture's `Cluster.down` removes a cluster through the same `fabric.teardown`."""
+    prefix = cluster.layout.prefix + "td"
+    state_dir = tmp_path / "state"
+    layout = Layout(prefix=prefix, state_dir=state_dir, node_count=1)
+    command = ["python", "-m", "tests.e2e.cluster"]
+    try:
+        up = cluster.run_in(
+            None,
+            [*command, "up", "--state-dir", str(state_dir), "--prefix", prefix, "--nodes", "1"],
+            timeout=180,
+        )
+        (usage,) = [line for line in up.stdout.splitlines() if line.endswith("kubectl get nodes")]
+        assert usage == f"KUBECONFIG={layout.kubeconfig} kubectl get nodes"
+        nodes = cluster.run_in(None, ["sh", "-c", usage]).stdout.splitlines()
+        assert [line.split()[:2] for line in nodes[1:]] == [["node-1", "Ready"]]
+
+        pod = Cluster.attach(state_dir).create_pod("left-running", node="node-1", command=echo_command())
+        assert pod.netns is not None
+        assert netns.alive(pod.pid)
+
+        down = cluster.run_in(None, [*command, "down", "--state-dir", str(state_dir)], timeout=120)
+        assert down.stdout.startswith(f"cluster {prefix!r} removed")
+        assert leftovers(layout) == []
+        assert not netns.alive(pod.pid)
+        assert not state_dir.exists()
+    finally:
+        fabric.teardown(layout)
     assert netns.exists(cluster.nodes[0].netns)
     assert [n.metadata.name for n in cluster.core.list_node().items] == [n.name for n in cluster.nodes]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from agent.cli import SETTINGS_EXIT, build_parser, main
@@ -12,8 +14,8 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("node", "ca", "cleanup"):
-        assert command in out
+    listed = re.findall(r"^    (\w+)  ", out, re.MULTILINE)
+    assert listed == ["node", "ca", "cleanup", "redirect"]
 
 
 def test_a_command_is_required() -> None:

@@ -248,8 +248,14 @@ class Cluster:
         )
 
     def _wait(self, condition: Callable[[], bool], deadline: float, what: str, log_name: str) -> None:
+        missing_since: dict[str, float] = {}
         while not condition():
-            dead = self._dead_components()
+            now = time.monotonic()
+            missing = self._dead_components()
+            missing_since = {name: missing_since.get(name, now) for name in missing}
+            # A process just started runs `nsenter` in the host namespace for a moment before it
+            # enters its own: missing once is not dead.
+            dead = [name for name in missing if now - missing_since[name] >= _DEATH_CONFIRMATION_S]
             if dead:
                 raise ClusterError(
                     f"{', '.join(dead)} exited while waiting for {what}; last log lines of {dead[0]}:\n"
@@ -498,6 +504,10 @@ class Cluster:
             f"logs: {self.layout.log_dir} (components), {self.layout.pod_log_dir} (pods)\n"
             f"run in a node: nsenter --net=/run/netns/{self.nodes[0].netns} -- ip addr"
         )
+
+
+_DEATH_CONFIRMATION_S = 1.0
+"""How long a component must stay absent from its namespace before the cluster counts it dead."""
 
 
 def _cmdline(pid: int) -> str:
