@@ -69,6 +69,13 @@ _PAYLOAD_LEFT_AS_IS = 16_384
 """Outbound parts at least this large (DATA payloads) are handed on as they are rather than joined
 to their neighbours: the copy would cost more than the record boundary a TLS layer puts there."""
 
+_ACKNOWLEDGE_BATCH = 16
+"""Consumed bytes are handed to h2 once a stream's reach 1/16 of its receive window, or all
+streams' 1/16 of the connection's (and when a stream ends): h2's accounting costs a few Python
+calls per acknowledgement, i.e. per DATA frame relayed, while it only sends WINDOW_UPDATE once
+half a window is consumed. A peer never waits on a batch: with everything consumed, the bytes it
+has in flight, h2's unsent half and the batch stay below the window."""
+
 FRAME_HEADER = struct.Struct(">BHBBL")
 """An HTTP/2 frame header (RFC 9113 4.1): length as 8 + 16 bits, type, flags, R bit + stream id."""
 
@@ -98,8 +105,10 @@ def _h2_internals_present() -> bool:
     what h2's own `_receive_data_frame` and `H2Stream.receive_data` use: the connection's
     `_inbound_flow_control_window_manager` and each stream's `_inbound_window_manager`
     (`WindowManager.current_window_size`), the stream's `_expected_content_length` (bodies h2
-    checks against a content-length) and `state_machine` (`state`, `headers_received`). If an h2
-    release renamed them, the fast path stays off and every frame goes through h2.
+    checks against a content-length) and `state_machine` (`state`, `headers_received`); and
+    `_data_to_send`, the buffer `data_to_send` empties, to skip that call (a copy and a new buffer)
+    when h2 queued nothing. If an h2 release renamed them, the fast path stays off and every frame
+    goes through h2.
     """
     h2 = H2Connection(H2Configuration(client_side=True))
     h2.initiate_connection()
@@ -113,6 +122,7 @@ def _h2_internals_present() -> bool:
             and stream._expected_content_length is None
             and stream.state_machine.state is _OPEN
             and not stream.state_machine.headers_received
+            and isinstance(h2._data_to_send, bytearray)
         )
     except AttributeError:
         return False
@@ -163,15 +173,20 @@ class _LiteralEncoder(Encoder):
 class _Stream:
     """What this side tracks of one open tunnel beyond h2's own stream state."""
 
-    __slots__ = ("end_requested", "pending", "pending_bytes", "remote_ended")
+    __slots__ = ("acknowledged", "end_requested", "h2_stream", "pending", "pending_bytes", "remote_ended")
 
-    def __init__(self) -> None:
+    def __init__(self, h2_stream: H2Stream) -> None:
+        self.h2_stream = h2_stream
+        """h2's state of the stream (h2 may drop it from `streams` once closed; this side untracks
+        the stream first)."""
         self.pending: deque[memoryview] | None = None
         """Bytes accepted by `send_data` that did not fit the peer's windows, in order."""
         self.pending_bytes = 0
         self.end_requested = False
         """`end_stream` was called; END_STREAM goes out once `pending` is empty."""
         self.remote_ended = False
+        self.acknowledged = 0
+        """Bytes the application consumed that h2 was not told of yet (see `_ACKNOWLEDGE_BATCH`)."""
 
 
 class HboneConnection:
@@ -227,6 +242,10 @@ class HboneConnection:
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, None] = {}
         """Streams holding back bytes, oldest first (an ordered set)."""
+        self._acknowledge_stream_batch = settings.stream_window // _ACKNOWLEDGE_BATCH
+        self._acknowledge_connection_batch = settings.connection_window // _ACKNOWLEDGE_BATCH
+        self._acknowledged_total = 0
+        """Sum of the tracked streams' `acknowledged`."""
         self._unacknowledged: dict[int, int] = {}
         """Flow-controlled bytes delivered per stream and not yet acknowledged; outlives the
         stream when it ended normally, since the application may still be writing them on."""
@@ -267,11 +286,12 @@ class HboneConnection:
         """The bytes to write on the transport now, as parts to write in order (possibly none):
         what `data_to_send` joins, except that large DATA payloads are not copied next to the
         rest (a TLS layer can take them as they are, at the cost of a record boundary)."""
+        self._take_h2_queue()
         outbound = self._outbound
-        if queued := self._h2.data_to_send():
-            outbound.append(queued)
+        if not outbound:
+            return []
         self._outbound = []
-        if len(outbound) < 2:
+        if len(outbound) == 1:
             return outbound
         parts: list[bytes | memoryview] = []
         small: list[bytes | memoryview] = []
@@ -302,7 +322,7 @@ class HboneConnection:
             stream.pending.append(memoryview(bytes(data)))
             stream.pending_bytes += len(data)
             return stream.pending_bytes
-        sent = self._send_within_window(stream_id, data)
+        sent = self._send_within_window(stream, stream_id, data)
         if sent == len(data):
             return 0
         # `data` may be a view of a read buffer the I/O layer reuses: keep a copy.
@@ -340,8 +360,9 @@ class HboneConnection:
             self._release_unacknowledged(stream_id)
 
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
-        """Hands `size` consumed bytes of `stream_id` back to the peer's windows (h2 batches the
-        WINDOW_UPDATE frames). Bytes of a reset stream were already released and are ignored."""
+        """Hands `size` consumed bytes of `stream_id` back to the peer's windows (batched, see
+        `_ACKNOWLEDGE_BATCH`; h2 batches the WINDOW_UPDATE frames). Bytes of a reset stream were
+        already released and are ignored."""
         owed = self._unacknowledged.get(stream_id, 0)
         size = min(size, owed)
         if size <= 0:
@@ -350,7 +371,18 @@ class HboneConnection:
             del self._unacknowledged[stream_id]
         else:
             self._unacknowledged[stream_id] = owed - size
-        self._h2.acknowledge_received_data(size, stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None:  # finished: its bytes go back to the connection window at once
+            self._h2.acknowledge_received_data(size, stream_id)
+            return
+        stream.acknowledged += size
+        self._acknowledged_total += size
+        if (
+            stream.acknowledged >= self._acknowledge_stream_batch
+            or self._acknowledged_total >= self._acknowledge_connection_batch
+        ):
+            for tracked_id, tracked in self._streams.items():
+                self._report_acknowledged(tracked_id, tracked)
 
     def ping(self, payload: bytes) -> None:
         """Sends a keepalive PING with 8 bytes of `payload`; the answer is `PingAcknowledged`."""
@@ -446,16 +478,12 @@ class HboneConnection:
     def _starts_fast_data(self, stream_id: int, flags: int, length: int) -> bool:
         """Takes a DATA frame past h2 if h2 would accept it as it is, consuming its length from
         both receive windows as h2 would; False leaves the frame to h2 (and its errors)."""
-        if (
-            not self.data_fast_path
-            or flags & (_END_STREAM | _PADDED)
-            or self._in_header_block
-            or stream_id not in self._streams
-        ):
+        if not self.data_fast_path or flags & (_END_STREAM | _PADDED) or self._in_header_block:
             return False
-        stream = self._h2.streams.get(stream_id)
-        if stream is None:
+        tracked = self._streams.get(stream_id)
+        if tracked is None:
             return False
+        stream = tracked.h2_stream
         machine = stream.state_machine
         state = machine.state
         if (
@@ -504,6 +532,7 @@ class HboneConnection:
         self._streams.clear()
         self._blocked.clear()
         self._unacknowledged.clear()
+        self._acknowledged_total = 0
         return ConnectionFailed(error_code, detail)
 
     def _receive_set_aside_goaways(self, emit: Emit) -> None:
@@ -575,29 +604,22 @@ class HboneConnection:
 
     # Sending.
 
-    def _send_within_window(self, stream_id: int, data: bytes | memoryview) -> int:
+    def _send_within_window(self, stream: _Stream, stream_id: int, data: bytes | memoryview) -> int:
         """Sends as much of `data` as the windows allow, in frames the peer accepts; returns how much."""
         h2 = self._h2
-        stream = h2.streams.get(stream_id)
-        window = (
-            h2.local_flow_control_window(stream_id)  # raises h2's error for a stream it dropped
-            if stream is None
-            else min(h2.outbound_flow_control_window, stream.outbound_flow_control_window)
-        )
+        h2_stream = stream.h2_stream
         # A peer lowering its initial window can drive it negative.
-        allowed = max(0, min(len(data), window))
+        allowed = max(
+            0, min(len(data), h2.outbound_flow_control_window, h2_stream.outbound_flow_control_window)
+        )
         if not allowed:
             return 0
         max_frame = h2.max_outbound_frame_size
         # A stream this side tracks and has not ended (`send_data` checked) is one h2 lets send on:
         # whatever makes h2 close it (a reset either way, a refusal) untracks it at once. Only a
         # closed connection (GOAWAY sent) is left to h2, which raises as it must.
-        if (
-            self.data_fast_path
-            and stream is not None
-            and h2.state_machine.state is not ConnectionState.CLOSED
-        ):
-            self._send_fast_data(stream, data, allowed, max_frame)
+        if self.data_fast_path and h2.state_machine.state is not ConnectionState.CLOSED:
+            self._send_fast_data(h2_stream, data, allowed, max_frame)
             return allowed
         if allowed == len(data) and allowed <= max_frame:
             h2.send_data(stream_id, data)
@@ -617,7 +639,10 @@ class HboneConnection:
 
     def _take_h2_queue(self) -> None:
         """Moves what h2 queued so far to the outbound bytes, ahead of what this side adds next."""
-        if queued := self._h2.data_to_send():
+        h2 = self._h2
+        if self.data_fast_path and not h2._data_to_send:
+            return
+        if queued := h2.data_to_send():
             self._outbound.append(queued)
 
     def _send_fast_data(self, stream: H2Stream, data: bytes | memoryview, size: int, max_frame: int) -> None:
@@ -654,7 +679,7 @@ class HboneConnection:
         pending = stream.pending
         while pending:
             chunk = pending[0]
-            sent = self._send_within_window(stream_id, chunk)
+            sent = self._send_within_window(stream, stream_id, chunk)
             stream.pending_bytes -= sent
             if sent < len(chunk):
                 pending[0] = chunk[sent:]
@@ -680,17 +705,25 @@ class HboneConnection:
     # Stream bookkeeping.
 
     def _track_stream(self, stream_id: int) -> None:
-        self._streams[stream_id] = _Stream()
+        self._streams[stream_id] = _Stream(self._h2.streams[stream_id])
 
     def _forget_if_finished(self, stream_id: int, stream: _Stream) -> None:
         if stream.remote_ended and stream.end_requested and stream.pending is None:
             del self._streams[stream_id]
+            self._report_acknowledged(stream_id, stream)
 
     def _forget(self, stream_id: int) -> None:
         """Drops a stream that ended abnormally, releasing what it held and owed."""
-        del self._streams[stream_id]
+        self._report_acknowledged(stream_id, self._streams.pop(stream_id))
         self._blocked.pop(stream_id, None)
         self._release_unacknowledged(stream_id)
+
+    def _report_acknowledged(self, stream_id: int, stream: _Stream) -> None:
+        """Tells h2 of the bytes `stream` batched."""
+        if acknowledged := stream.acknowledged:
+            stream.acknowledged = 0
+            self._acknowledged_total -= acknowledged
+            self._h2.acknowledge_received_data(acknowledged, stream_id)
 
     def _release_unacknowledged(self, stream_id: int) -> None:
         owed = self._unacknowledged.pop(stream_id, 0)

@@ -291,6 +291,60 @@ def test_acknowledging_after_a_normal_close_still_opens_the_connection_window() 
     assert received_bytes(server_events, second) == b"waits"
 
 
+def test_acknowledging_in_small_pieces_never_stalls_the_sender() -> None:
+    smallest = HboneSettings(stream_window=65_535, connection_window=65_535)
+    wire = Wire(smallest, smallest)
+    stream_id = wire.open()
+    payload = pattern(300 * KIB)
+    wire.client.send_data(stream_id, payload)
+    received = b""
+    while len(received) < len(payload):
+        _, server_events = wire.pump()
+        chunk = received_bytes(server_events, stream_id)
+        assert chunk, "the sender stalled"
+        received += chunk
+        for offset in range(0, len(chunk), 100):  # consumed a little at a time
+            wire.server.acknowledge_received_data(stream_id, len(chunk[offset : offset + 100]))
+    assert received == payload
+
+
+@pytest.mark.parametrize("ending", ["both directions end", "reset"])
+def test_short_tunnels_give_their_acknowledged_bytes_back_to_the_connection(ending: str) -> None:
+    # Each tunnel's bytes stay below what a stream batches before telling h2: if a tunnel took its
+    # batch away with it, the connection window would run out after a few dozen tunnels.
+    smallest = HboneSettings(stream_window=65_535, connection_window=65_535)
+    wire = Wire(smallest, smallest)
+    for _ in range(100):
+        stream_id = wire.open()
+        assert wire.client.send_data(stream_id, pattern(2000)) == 0, "the connection window ran out"
+        _, server_events = wire.pump()
+        assert len(received_bytes(server_events, stream_id)) == 2000
+        wire.server.acknowledge_received_data(stream_id, flow_controlled(server_events, stream_id))
+        if ending == "reset":
+            wire.server.reset_stream(stream_id)
+        else:
+            wire.client.end_stream(stream_id)
+            wire.server.end_stream(stream_id)
+        wire.pump()
+    assert (wire.client.open_stream_count, wire.server.open_stream_count) == (0, 0)
+    assert wire.server._acknowledged_total == 0  # nothing left batched for streams that are gone
+
+
+def test_open_streams_batching_small_acknowledgements_do_not_starve_the_connection() -> None:
+    smallest = HboneSettings(stream_window=65_535, connection_window=65_535)
+    wire = Wire(smallest, smallest)
+    streams = [wire.open() for _ in range(40)]
+    for stream_id in streams:  # 80,000 bytes through a 65,535-byte connection window
+        wire.client.send_data(stream_id, pattern(2000))
+    received = dict.fromkeys(streams, 0)
+    for _ in range(10):
+        _, server_events = wire.pump()
+        for stream_id in streams:
+            received[stream_id] += len(received_bytes(server_events, stream_id))
+            wire.server.acknowledge_received_data(stream_id, flow_controlled(server_events, stream_id))
+    assert received == dict.fromkeys(streams, 2000)
+
+
 def test_keepalive_ping_is_answered() -> None:
     wire = Wire()
     wire.client.ping(b"12345678")
