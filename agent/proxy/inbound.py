@@ -33,12 +33,18 @@ from ipaddress import ip_address
 
 from agent.hbone import MalformedTunnelRequest, RefusalReason, TunnelRequested
 from agent.identity.spiffe import SpiffeId
-from agent.observability.metrics import PeerLabels, TcpLabels
 from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable, TlsContexts
 from agent.proxy.hbone_driver import HboneServerDriver, HboneStreamEnd
+from agent.proxy.labels import (
+    ResponseFlag,
+    hbone_inbound_labels,
+    inbound_refusal_flag,
+    plaintext_inbound_labels,
+    same_node_inbound_labels,
+)
 from agent.proxy.relay import TcpEnd, connect_socket, tcp_end_of
-from agent.proxy.sessions import InboundAuthorization, Leg, ResponseFlag, Sessions, peer_labels
+from agent.proxy.sessions import InboundAuthorization, Leg, Sessions
 from agent.proxy.sockets import Address, SocketSetupError, reset, upstream_socket
 from agent.proxy.tasks import OwnedTasks
 from agent.state import Deny, InboundConnection, IPAddress, Snapshot, Workload, authorize
@@ -49,6 +55,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class _Refusal:
     reason: RefusalReason
+    detail: str
+
+    @property
+    def flag(self) -> ResponseFlag:
+        return inbound_refusal_flag(self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _NotServed:
+    """Why an HBONE connection cannot be served, before its TLS handshake."""
+
+    destination: Workload | None
+    identity: str
+    """The identity the destination would be served as; "" when there is no local destination."""
     flag: ResponseFlag
     detail: str
 
@@ -82,14 +102,17 @@ class InboundProxy:
 
     async def serve_hbone(self, sock: socket.socket, client: Address, local: Address) -> None:
         """Serves one accepted TCP connection to the HBONE port, addressed to `local`."""
+        accepted_at = time.monotonic()
         try:
             served = await self._served_identity(local)
         except BaseException:
             reset(sock)
             raise
-        if isinstance(served, str):
-            log.info("HBONE connection from %s to %s refused: %s", client, local, served)
+        if isinstance(served, _NotServed):
             reset(sock)
+            labels = hbone_inbound_labels(None, "", served.destination, served.identity)
+            leg = Leg("inbound", labels, str(client), str(local))
+            self._sessions.refused([leg], served.flag, served.detail, accepted_at)
             return
         identity, context = served
         settings = self._settings
@@ -118,15 +141,17 @@ class InboundProxy:
         if self._draining:
             driver.start_drain()
 
-    async def _served_identity(self, local: Address) -> tuple[SpiffeId, ssl.SSLContext] | str:
+    async def _served_identity(self, local: Address) -> tuple[SpiffeId, ssl.SSLContext] | _NotServed:
         snapshot = self._snapshot()
         workload = self._local_workload(snapshot, ip_address(local.ip))
         if workload is None:
-            return f"{local.ip} is not an enrolled workload on this node"
+            detail = f"{local.ip} is not an enrolled workload on this node"
+            return _NotServed(None, "", ResponseFlag.NO_HEALTHY_UPSTREAM, detail)
         identity = workload.spiffe_id(snapshot.mesh.trust_domain)
         credential = await self._credentials.credential(identity, self._settings.credential_wait_s)
         if isinstance(credential, CredentialUnavailable):
-            return f"no certificate for {identity}: {credential.reason}"
+            detail = f"no certificate for {identity}: {credential.reason}"
+            return _NotServed(workload, identity, ResponseFlag.UPSTREAM_FAILURE, detail)
         return credential.spiffe_id, self._contexts.server(credential, self._credentials.trust_bundle())
 
     def _tunnel_requested(
@@ -158,12 +183,7 @@ class InboundProxy:
         def leg() -> Leg:
             # Built once the answer is on its way (or for a refusal's record): not on the path of a
             # new connection's first bytes.
-            labels = TcpLabels(
-                "destination",
-                peer_labels(source, peer_identity),
-                peer_labels(destination, destination_identity),
-                security_policy="mutual_tls",
-            )
+            labels = hbone_inbound_labels(source, peer_identity, destination, destination_identity)
             return Leg("inbound", labels, str(client) if client is not None else str(peer), str(target))
 
         if destination is None or destination_identity != str(driver.served_identity):
@@ -218,7 +238,7 @@ class InboundProxy:
             driver.peer_identity,
             event.problem,
         )
-        labels = TcpLabels("destination", PeerLabels(principal=str(driver.peer_identity)), PeerLabels())
+        labels = hbone_inbound_labels(None, str(driver.peer_identity), None, str(driver.served_identity))
         leg = Leg("inbound", labels, str(driver.peer_address), "")
         self._sessions.refused([leg], ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, event.problem, time.monotonic())
 
@@ -234,16 +254,8 @@ class InboundProxy:
         destination_identity = (
             destination.spiffe_id(snapshot.mesh.trust_domain) if destination is not None else ""
         )
-        leg = Leg(
-            "inbound",
-            TcpLabels(
-                "destination",
-                peer_labels(snapshot.workload(client_ip)),
-                peer_labels(destination, destination_identity),
-            ),
-            str(client),
-            str(local),
-        )
+        labels = plaintext_inbound_labels(snapshot.workload(client_ip), destination, destination_identity)
+        leg = Leg("inbound", labels, str(client), str(local))
         if destination is None:
             downstream.abort()
             detail = f"{local.ip} is not an enrolled workload on this node"
@@ -283,16 +295,7 @@ class InboundProxy:
         snapshot = self._snapshot()
         target_ip = ip_address(target.ip)
         inbound = Leg(
-            "inbound",
-            TcpLabels(
-                "destination",
-                outbound.labels.source,
-                outbound.labels.destination,
-                outbound.labels.service,
-                security_policy="mutual_tls",
-            ),
-            outbound.source_address,
-            str(target),
+            "inbound", same_node_inbound_labels(outbound.labels), outbound.source_address, str(target)
         )
         legs = [outbound, inbound]
         destination = self._local_workload(snapshot, target_ip)
@@ -360,7 +363,7 @@ class InboundProxy:
             return await tcp_end_of(sock)
         except OSError as error:
             detail = f"cannot use the connection to {target}: {error}"
-            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, detail)
+            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, detail)
 
     async def _connect_upstream(
         self,
@@ -373,26 +376,26 @@ class InboundProxy:
         """Authorizes, then connects to the pod from `deliver_from` (None: from the agent's address)."""
         decision = authorize(snapshot, destination, connection)
         if isinstance(decision, Deny):
-            return _Refusal(RefusalReason.DENIED_BY_POLICY, ResponseFlag.DENIED, str(decision))
+            return _Refusal(RefusalReason.DENIED_BY_POLICY, str(decision))
         try:
             sock = upstream_socket(target, mark=self._settings.upstream_mark, source=deliver_from)
         except SocketSetupError as error:
-            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, str(error))
+            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, str(error))
         timeout_s = self._settings.connect_timeout_s
         try:
             await connect_socket(sock, (target.ip, target.port), timeout_s)
         except ConnectionRefusedError:
             sock.close()
             detail = f"{target} refused the connection"
-            return _Refusal(RefusalReason.UPSTREAM_REFUSED, ResponseFlag.UPSTREAM_FAILURE, detail)
+            return _Refusal(RefusalReason.UPSTREAM_REFUSED, detail)
         except TimeoutError:
             sock.close()
             detail = f"{target} did not answer within {timeout_s:g}s"
-            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, detail)
+            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, detail)
         except OSError as error:
             sock.close()
             detail = f"cannot connect to {target}: {error}"
-            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, ResponseFlag.UPSTREAM_FAILURE, detail)
+            return _Refusal(RefusalReason.UPSTREAM_UNREACHABLE, detail)
         except BaseException:
             sock.close()
             raise
@@ -404,5 +407,5 @@ class InboundProxy:
             )
             if isinstance(decision, Deny):
                 reset(sock)
-                return _Refusal(RefusalReason.DENIED_BY_POLICY, ResponseFlag.DENIED, str(decision))
+                return _Refusal(RefusalReason.DENIED_BY_POLICY, str(decision))
         return sock

@@ -18,14 +18,14 @@ from collections.abc import Callable
 from ipaddress import ip_address
 from typing import assert_never
 
-from agent.hbone import SocketAddress, TunnelFailure
-from agent.observability.metrics import PeerLabels, TcpLabels
+from agent.hbone import SocketAddress
 from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable
 from agent.proxy.inbound import InboundProxy
+from agent.proxy.labels import ResponseFlag, declined_tunnel_flag, outbound_labels, outbound_refusal_flag
 from agent.proxy.pool import HbonePool, PoolKey, TunnelNotOpened
 from agent.proxy.relay import TcpEnd, connect_tcp_end
-from agent.proxy.sessions import Leg, ResponseFlag, Sessions, peer_labels, service_labels
+from agent.proxy.sessions import Leg, Sessions
 from agent.proxy.sockets import Address, SocketSetupError, upstream_socket
 from agent.state import Address as StateAddress
 from agent.state import (
@@ -33,16 +33,10 @@ from agent.state import (
     LoadBalanced,
     Passthrough,
     Refuse,
-    RefuseReason,
     Snapshot,
     Tunnel,
     decide_outbound,
 )
-
-_REFUSAL_FLAGS = {
-    RefuseReason.UNKNOWN_SOURCE: ResponseFlag.NO_ROUTE,
-    RefuseReason.NO_READY_ENDPOINTS: ResponseFlag.NO_HEALTHY_UPSTREAM,
-}
 
 
 class OutboundProxy:
@@ -82,51 +76,17 @@ class OutboundProxy:
     ) -> None:
         snapshot = self._snapshot()
         client_ip = ip_address(client.ip)
-        decision = decide_outbound(
-            snapshot,
-            client_ip,
-            StateAddress(ip_address(destination.ip), destination.port),
-            pick=self._pick,
-        )
-        source = snapshot.workload(client_ip)
+        original = StateAddress(ip_address(destination.ip), destination.port)
+        decision = decide_outbound(snapshot, client_ip, original, pick=self._pick)
+        labels = outbound_labels(decision, snapshot, client_ip, original)
+        leg = Leg("outbound", labels, str(client), str(destination))
         match decision:
             case Refuse():
-                leg = Leg(
-                    "outbound",
-                    TcpLabels("source", peer_labels(source), PeerLabels()),
-                    str(client),
-                    str(destination),
-                )
-                downstream.abort()
-                self._sessions.refused(
-                    [leg], _REFUSAL_FLAGS[decision.reason], decision.reason.value, accepted_at
-                )
-            case Passthrough():
-                labels = TcpLabels(
-                    "source", peer_labels(source), peer_labels(snapshot.workload(decision.target.ip))
-                )
-                await self._direct(
-                    downstream, client, destination, decision.target, labels=labels, accepted_at=accepted_at
-                )
-            case LoadBalanced():
-                labels = TcpLabels(
-                    "source",
-                    peer_labels(source),
-                    peer_labels(decision.endpoint.workload),
-                    service_labels(decision.service),
-                )
-                await self._direct(
-                    downstream, client, destination, decision.target, labels=labels, accepted_at=accepted_at
-                )
+                flag = outbound_refusal_flag(decision.reason)
+                self._fail(downstream, leg, flag, decision.reason.value, accepted_at)
+            case Passthrough() | LoadBalanced():
+                await self._direct(downstream, client, decision.target, leg=leg, accepted_at=accepted_at)
             case Tunnel():
-                labels = TcpLabels(
-                    "source",
-                    peer_labels(decision.source, decision.source_identity),
-                    peer_labels(decision.destination, decision.destination_identity),
-                    service_labels(decision.service),
-                    security_policy="mutual_tls",
-                )
-                leg = Leg("outbound", labels, str(client), str(destination))
                 target = Address(str(decision.target.ip), decision.target.port)
                 if decision.same_node:
                     await self._inbound.deliver_local(
@@ -144,18 +104,10 @@ class OutboundProxy:
                 assert_never(decision)
 
     async def _direct(
-        self,
-        downstream: TcpEnd,
-        client: Address,
-        destination: Address,
-        connect_to: StateAddress,
-        *,
-        labels: TcpLabels,
-        accepted_at: float,
+        self, downstream: TcpEnd, client: Address, connect_to: StateAddress, *, leg: Leg, accepted_at: float
     ) -> None:
-        """Plain TCP to `connect_to` (the original `destination`, or a Service endpoint), from the
+        """Plain TCP to `connect_to` (the original destination, or a Service endpoint), from the
         client's IP."""
-        leg = Leg("outbound", labels, str(client), str(destination))
         target = Address(str(connect_to.ip), connect_to.port)
         timeout_s = self._settings.connect_timeout_s
         failure: str | None = None
@@ -209,9 +161,8 @@ class OutboundProxy:
             client,
         )
         if isinstance(stream, TunnelNotOpened):
-            denied = stream.declined is not None and stream.declined.failure is TunnelFailure.DENIED
-            flag = ResponseFlag.DENIED if denied else ResponseFlag.UPSTREAM_FAILURE
-            self._fail(downstream, leg, flag, stream.reason, accepted_at)
+            failure = stream.declined.failure if stream.declined is not None else None
+            self._fail(downstream, leg, declined_tunnel_flag(failure), stream.reason, accepted_at)
             return
         if downstream.lost.done():
             stream.abort()

@@ -10,72 +10,18 @@ they were authorized as, so a snapshot with new policies can close those it now 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.observability.accesslog import AccessLog, AccessRecord, Direction
-from agent.observability.metrics import AgentMetrics, PeerLabels, ServiceLabels, TcpLabels, TrackedConnection
+from agent.observability.metrics import AgentMetrics, TcpLabels, TrackedConnection
+from agent.proxy.labels import ResponseFlag, failed_labels
 from agent.proxy.relay import Relay, RelayOutcome
-from agent.state import Deny, InboundConnection, ServiceTarget, Snapshot, Workload, authorize
+from agent.state import Deny, InboundConnection, Snapshot, Workload, authorize
 
 log = logging.getLogger(__name__)
-
-CLUSTER_DOMAIN = "cluster.local"
-"""DNS domain of service host names in metrics (`name.namespace.svc.cluster.local`)."""
-
-
-class ResponseFlag(enum.StrEnum):
-    """Envoy-style response flags of connections that failed to open (label `response_flags`)."""
-
-    DENIED = "UAEX"
-    """Refused by authorization: an AuthorizationPolicy, or STRICT mutual TLS for plaintext."""
-
-    NO_HEALTHY_UPSTREAM = "UH"
-    """No workload to deliver to: no ready endpoint, or not a local enrolled workload."""
-
-    UPSTREAM_FAILURE = "UF"
-    """The upstream or tunnel could not be established (refused, unreachable, TLS, no certificate)."""
-
-    NO_ROUTE = "NR"
-    """The connection matches nothing that leads anywhere (its source is not a known pod)."""
-
-    DOWNSTREAM_PROTOCOL_ERROR = "DPE"
-    """The client sent a malformed tunnel request."""
-
-    DOWNSTREAM_TERMINATED = "DC"
-    """The client went away while its connection was being set up."""
-
-
-def peer_labels(workload: Workload | None, principal: str = "") -> PeerLabels:
-    """What the metrics know of one side: the workload's names and labels, and its identity if any."""
-    if workload is None:
-        return PeerLabels(principal=principal)
-    labels = workload.labels
-    return PeerLabels(
-        workload=workload.name,
-        namespace=workload.namespace,
-        principal=principal,
-        app=labels.get("app") or labels.get("app.kubernetes.io/name", ""),
-        version=labels.get("version") or labels.get("app.kubernetes.io/version", ""),
-        canonical_service=labels.get("service.istio.io/canonical-name", ""),
-        canonical_revision=labels.get("service.istio.io/canonical-revision", ""),
-    )
-
-
-def service_labels(target: ServiceTarget | None) -> ServiceLabels:
-    """The addressed service's labels, empty when a pod was addressed directly."""
-    if target is None:
-        return ServiceLabels()
-    service = target.service
-    return ServiceLabels(
-        host=f"{service.name}.{service.namespace}.svc.{CLUSTER_DOMAIN}",
-        name=service.name,
-        namespace=service.namespace,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +79,7 @@ class Sessions:
         """Counts a connection that could not be opened, and logs why."""
         duration = max(0.0, time.monotonic() - accepted_at)
         for leg in legs:
-            labels = dataclasses.replace(leg.labels, response_flags=flag.value)
+            labels = failed_labels(leg.labels, flag)
             self._metrics.tcp.failed(labels)
             self._access_log.write(
                 AccessRecord(

@@ -1,58 +1,59 @@
-"""Metric labels of each side of a connection, from the snapshot's workloads and services."""
+"""A connection that could not be opened is counted as failed with its flag, and logged with why."""
 
 from __future__ import annotations
 
-from ipaddress import ip_address
+import logging
+import time
 
-import pytest
+from agent.observability.accesslog import AccessLog
+from agent.observability.metrics import AgentMetrics, PeerLabels, TcpLabels
+from agent.proxy.labels import ResponseFlag
+from agent.proxy.sessions import Leg, Sessions
+from tests.unit.proxy.mesh import RecordingHandler
 
-from agent.observability.metrics import PeerLabels, ServiceLabels
-from agent.proxy.sessions import peer_labels, service_labels
-from agent.state import build_snapshot
-from agent.state.model import Address
-from tests.unit.state.factories import service, workload
-
-PRINCIPAL = "spiffe://cluster.local/ns/shop/sa/web"
-
-
-def test_unknown_peer_keeps_only_its_identity() -> None:
-    assert peer_labels(None, PRINCIPAL) == PeerLabels(principal=PRINCIPAL)
-    assert peer_labels(None) == PeerLabels()
+CLIENT = PeerLabels(workload="sleep", namespace="shop", principal="spiffe://cluster.local/ns/shop/sa/sleep")
+SERVER = PeerLabels(workload="echo", namespace="shop", principal="spiffe://cluster.local/ns/shop/sa/echo")
 
 
-@pytest.mark.parametrize(
-    ("labels", "app", "version"),
-    [
-        ({"app": "web", "version": "v1"}, "web", "v1"),
-        ({"app.kubernetes.io/name": "web", "app.kubernetes.io/version": "2.0"}, "web", "2.0"),
-        ({"app": "web", "app.kubernetes.io/name": "other"}, "web", ""),
-        ({"tier": "front"}, "", ""),
-    ],
-)
-def test_app_and_version_follow_istios_label_fallbacks(
-    labels: dict[str, str], app: str, version: str
-) -> None:
-    labelled = peer_labels(workload("web-1", "10.1.0.5", namespace="shop", labels=labels), PRINCIPAL)
-    assert (labelled.workload, labelled.namespace, labelled.principal) == ("web-1", "shop", PRINCIPAL)
-    assert (labelled.app, labelled.version) == (app, version)
+def failed_samples(metrics: AgentMetrics) -> list[tuple[dict[str, str], float]]:
+    return [
+        (sample.labels, sample.value)
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "istio_tcp_connections_failed_total"
+    ]
 
 
-def test_canonical_names_come_from_istio_labels() -> None:
-    labels = {"service.istio.io/canonical-name": "storefront", "service.istio.io/canonical-revision": "r7"}
-    labelled = peer_labels(workload("web-1", "10.1.0.5", labels=labels))
-    assert (labelled.canonical_service, labelled.canonical_revision) == ("storefront", "r7")
+def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_reason() -> None:
+    metrics = AgentMetrics()
+    logger = logging.getLogger(f"tests.proxy.sessions.{id(metrics)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    access = RecordingHandler()
+    logger.addHandler(access)
+    sessions = Sessions(metrics, AccessLog("json", logger))
+    labels = TcpLabels("source", CLIENT, SERVER, security_policy="mutual_tls")
+    legs = [
+        Leg("outbound", labels, "10.1.0.2:40000", "10.2.0.5:8080"),
+        Leg(
+            "inbound",
+            TcpLabels("destination", CLIENT, SERVER, security_policy="mutual_tls"),
+            "10.1.0.2:40000",
+            "10.2.0.5:8080",
+        ),
+    ]
 
+    sessions.refused(legs, ResponseFlag.DENIED, "denied by policy deny-sleep", time.monotonic())
 
-def test_service_labels_name_the_addressed_service() -> None:
-    snapshot = build_snapshot(
-        version=1,
-        created_at=0.0,
-        workloads=[workload("web-1", "10.1.0.5", namespace="shop", labels={"app": "web"})],
-        services=[service("web", "10.96.0.10", (80, 8080), namespace="shop")],
-    )
-    target = snapshot.service(Address(ip=ip_address("10.96.0.10"), port=80))
-    assert target is not None
-    assert service_labels(target) == ServiceLabels(
-        host="web.shop.svc.cluster.local", name="web", namespace="shop"
-    )
-    assert service_labels(None) == ServiceLabels()
+    counted = failed_samples(metrics)
+    assert sorted((sample["reporter"], sample["response_flags"], value) for sample, value in counted) == [
+        ("destination", "UAEX", 1.0),
+        ("source", "UAEX", 1.0),
+    ]
+    assert {sample["connection_security_policy"] for sample, _ in counted} == {"mutual_tls"}
+    assert [(line["direction"], line["error"]) for line in access.lines] == [
+        ("outbound", "denied by policy deny-sleep"),
+        ("inbound", "denied by policy deny-sleep"),
+    ]
+    assert all(line["src.identity"] == CLIENT.principal for line in access.lines)
+    assert len(sessions) == 0  # nothing was opened
