@@ -44,6 +44,7 @@ from agent.node.shared import (
     LISTENERS_BOUND,
     RULES_INSTALLED,
     await_rules,
+    capture_loop,
     enrolled_here,
     redirect_dump,
     serve_until_stopped,
@@ -60,9 +61,7 @@ from agent.operator.rest import ApiClient
 from agent.operator.status import NodeState
 from agent.proxy.credentials import CredentialUnavailable
 from agent.proxy.dataplane import DataPlane, DataPlaneSettings
-from agent.redirect.command import node_reconciler
-from agent.redirect.errors import RedirectError
-from agent.redirect.reconciler import ReconcileLoop, RedirectStatus
+from agent.redirect.reconciler import RedirectStatus
 from agent.redirect.ruleset import PodIp
 from agent.settings import (
     NodeSettings,
@@ -77,9 +76,8 @@ log = logging.getLogger(__name__)
 FIRST_SYNC = "first-sync"
 """Readiness condition: the control plane has listed every watched kind once."""
 
-REDIRECTION_RECONCILER = "redirection"
 CERTIFICATES_RECONCILER = "certificates"
-"""`reconciler` labels of `ambient_agent_reconcile_errors` counted here."""
+"""`reconciler` label of `ambient_agent_reconcile_errors` for failed certificate requests."""
 
 _STATE_REPORT_INTERVAL_S = 0.2
 """How often what the data-plane side has set up is compared with what the control plane last heard."""
@@ -274,10 +272,7 @@ class KubernetesNodeProcess:
         self.metrics = AgentMetrics()
         self.readiness = Readiness()
         self.readiness.require(LISTENERS_BOUND, FIRST_SYNC, RULES_INSTALLED)
-        redirect = settings.node.redirect
-        self._redirect = ReconcileLoop(
-            node_reconciler(redirect, settings.node.ports), redirect, on_failure=self._redirect_failed
-        )
+        self._redirect = capture_loop(settings.node.redirect, settings.node.ports, self.metrics)
         self._controller = NodeController(
             access, settings.control_plane, publish=self._snapshot_published, metrics=self.metrics
         )
@@ -451,6 +446,3 @@ class KubernetesNodeProcess:
 
     def _certificate_failed(self, _: SpiffeId, __: str) -> None:
         self.metrics.reconcile_errors.labels(CERTIFICATES_RECONCILER).inc()
-
-    def _redirect_failed(self, _: RedirectError) -> None:
-        self.metrics.reconcile_errors.labels(REDIRECTION_RECONCILER).inc()

@@ -34,6 +34,7 @@ from agent.node.shared import (
     LISTENERS_BOUND,
     RULES_INSTALLED,
     await_rules,
+    capture_loop,
     enrolled_here,
     redirect_dump,
     serve_until_stopped,
@@ -43,8 +44,6 @@ from agent.observability.accesslog import AccessLog
 from agent.observability.metrics import AgentMetrics
 from agent.observability.servers import AdminProviders, Readiness
 from agent.proxy.dataplane import DataPlane
-from agent.redirect.command import node_reconciler
-from agent.redirect.reconciler import ReconcileLoop
 from agent.redirect.ruleset import PodIp
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,7 @@ class NodeProcess:
             AccessLog(settings.log.format),
             self._node_name,
         )
-        redirect = settings.node.redirect
-        self._redirect = ReconcileLoop(node_reconciler(redirect, settings.node.ports), redirect)
+        self._redirect = capture_loop(settings.node.redirect, settings.node.ports, self.metrics)
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
 

@@ -19,12 +19,16 @@ from agent.identity.spiffe import SpiffeId
 from agent.observability.metrics import AgentMetrics
 from agent.observability.servers import AdminProviders, Readiness, admin_app, metrics_app, readiness_app
 from agent.proxy.dataplane import DataPlane
+from agent.redirect.command import node_reconciler
 from agent.redirect.reconciler import ReconcileLoop, RedirectStatus
 from agent.redirect.ruleset import PodIp
-from agent.settings import PortSettings
+from agent.settings import PortSettings, RedirectSettings
 from agent.state import Snapshot
 
 log = logging.getLogger(__name__)
+
+REDIRECTION_RECONCILER = "redirection"
+"""`reconciler` label of `ambient_agent_reconcile_errors` for failed capture reconciles."""
 
 RULES_INSTALLED = "rules-installed"
 """Readiness condition: the capture rules match the enrolled local pods."""
@@ -69,6 +73,15 @@ async def start_endpoints(
         runners.append(runner)
         for host in hosts:
             await web.TCPSite(runner, host, port, reuse_port=True).start()
+
+
+def capture_loop(redirect: RedirectSettings, ports: PortSettings, metrics: AgentMetrics) -> ReconcileLoop:
+    """The loop keeping this node's capture rules right, each failed pass counted in `metrics`."""
+
+    def count_failure(_: object) -> None:
+        metrics.reconcile_errors.labels(REDIRECTION_RECONCILER).inc()
+
+    return ReconcileLoop(node_reconciler(redirect, ports), redirect, on_failure=count_failure)
 
 
 def enrolled_here(snapshot: Snapshot, node_name: str) -> tuple[frozenset[PodIp], frozenset[SpiffeId]]:

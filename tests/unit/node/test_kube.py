@@ -1,27 +1,46 @@
-"""Kubernetes mode of the node: its settings, the credentials it hands the data plane, and the state it
-reports back to the control plane."""
+"""Kubernetes mode of the node: its settings, the credentials it hands the data plane, the state it
+reports back to the control plane, and its failed reconciles counted in `ambient_agent_reconcile_errors`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.hbone import HboneSettings
 from agent.identity.certificates import WorkloadCertificate
 from agent.identity.manager import CertificateManager, IdentityStatus
 from agent.identity.spiffe import SpiffeId
 from agent.identity.testing import EphemeralCa
-from agent.node.kube import ManagedCredentials, kubernetes_node_settings, node_state
-from agent.node.settings import add_node_arguments
+from agent.node.kube import (
+    CERTIFICATES_RECONCILER,
+    KubernetesNodeProcess,
+    KubernetesNodeSettings,
+    KubernetesSettings,
+    ManagedCredentials,
+    kubernetes_node_settings,
+    node_state,
+)
+from agent.node.settings import LogSettings, add_node_arguments
+from agent.node.shared import LISTENERS_BOUND, REDIRECTION_RECONCILER
+from agent.operator.kubeapi import ApiAccess
 from agent.operator.status import NodeState
+from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialUnavailable
 from agent.redirect.reconciler import RedirectStatus
-from agent.settings import SettingsError
-from agent.state import MeshConfig
+from agent.settings import NodeSettings, SettingsError
+from agent.state import MeshConfig, build_snapshot
 from tests.unit.identity.issuing import LIFETIME, T0, InProcessIssuer, ManualClock
+from tests.unit.node.running import eventually, free_ports, no_nft_on_path, reconcile_errors, running
+from tests.unit.state.factories import workload
 
 WEB = SpiffeId("cluster.local", "shop", "web")
 DB = SpiffeId("cluster.local", "shop", "db")
@@ -135,3 +154,52 @@ def test_the_node_state_reports_capture_and_the_identities_with_valid_certificat
     assert expired.captured is None
     assert expired.certified == frozenset()
     assert expired.certificate_errors == {str(WEB): "CA slow", str(DB): "the CA denied it"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the data plane's listeners need root (IP_TRANSPARENT)")
+async def test_failed_capture_and_certificate_requests_count_as_reconcile_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server is unreachable, so certificate requests fail; `nft` is missing, so capture fails."""
+    no_nft_on_path(monkeypatch, tmp_path)
+    with socket.socket() as probe:  # a port nothing listens on: the API server is down
+        probe.bind(("127.0.0.1", 0))
+        unreachable = ApiAccess(server=f"http://127.0.0.1:{probe.getsockname()[1]}")
+    ports = free_ports()
+    process = KubernetesNodeProcess(
+        KubernetesNodeSettings(
+            node=NodeSettings(node_name="node-a", ports=ports),
+            dataplane=DataPlaneSettings(
+                ports=ports,
+                upstream_mark=0x539,
+                hbone=HboneSettings(),
+                listen_ipv6=False,
+                drain_deadline_s=1.0,
+            ),
+            log=LogSettings(),
+            kubernetes=KubernetesSettings(pod_name="ambient-agent-a", certificate_timeout_s=1.0),
+        ),
+        unreachable,
+    )
+    snapshot = build_snapshot(
+        version=1, created_at=0.0, workloads=[workload("web", "192.0.2.5", namespace="shop")]
+    )
+    async with running(process.run, ports):
+        await eventually(lambda: LISTENERS_BOUND not in process.readiness.pending, "listeners bound")
+        assert reconcile_errors(process.metrics, CERTIFICATES_RECONCILER) == 0
+        assert reconcile_errors(process.metrics, REDIRECTION_RECONCILER) == 0
+        # What the control plane would hand over from its own thread once it has listed the cluster:
+        # an enrolled pod on this node, whose address capture must cover and whose identity it needs.
+        await asyncio.to_thread(process._snapshot_published, snapshot)
+        await eventually(
+            lambda: reconcile_errors(process.metrics, CERTIFICATES_RECONCILER) >= 1,
+            "a failed certificate request counted",
+        )
+        await eventually(
+            lambda: reconcile_errors(process.metrics, REDIRECTION_RECONCILER) >= 1, "a failed capture counted"
+        )
+        dump: dict[str, Any] = process.config_dump()
+        assert dump["identities"]["spiffe://cluster.local/ns/shop/sa/web"]["failures"] >= 1
+        # Capture never got past its first step on this machine.
+        assert dump["redirect"]["synced_pods"] is None
+        assert "nft" in str(dump["redirect"]["last_error"])

@@ -1,17 +1,26 @@
-"""The node process captures exactly its own enrolled pods and notices when its files change."""
+"""The node process captures exactly its own enrolled pods, notices when its files change, and counts
+a configuration it cannot reload as a reconcile error."""
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime
 from ipaddress import ip_address
 from pathlib import Path
 
+import pytest
 import yaml
 
+from agent.hbone import HboneSettings
 from agent.identity.testing import EphemeralCa
 from agent.node.config import load_static_config
-from agent.node.process import files_state, local_pod_ips
+from agent.node.process import NodeProcess, files_state, local_pod_ips
+from agent.node.settings import LogSettings, NodeProcessSettings, StaticConfigSettings
+from agent.node.shared import LISTENERS_BOUND, REDIRECTION_RECONCILER
+from agent.proxy.config import DataPlaneSettings
+from agent.settings import NodeSettings
+from tests.unit.node.running import eventually, free_ports, no_nft_on_path, reconcile_errors, running
 
 
 def test_capture_covers_every_address_of_the_enrolled_pods_on_this_node_only(tmp_path: Path) -> None:
@@ -49,3 +58,45 @@ def test_file_state_changes_when_a_file_is_rewritten_replaced_or_removed(tmp_pat
     assert files_state([path]) != rewritten
     path.unlink()
     assert files_state([path]) == {path: None}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the data plane's listeners need root (IP_TRANSPARENT)")
+async def test_a_configuration_that_cannot_be_reloaded_counts_as_a_reconcile_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_nft_on_path(monkeypatch, tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bundle.pem").write_bytes(EphemeralCa.create().bundle.to_pem())
+    path = tmp_path / "mesh.yaml"
+    workload = {"name": "web", "ip": "192.0.2.5", "node": "node-1", "nodeIP": "192.0.2.1", "enrolled": True}
+    path.write_text(yaml.safe_dump({"trustBundle": "bundle.pem", "workloads": [workload]}))
+    ports = free_ports()
+    process = NodeProcess(
+        NodeProcessSettings(
+            node=NodeSettings(node_name="node-1", ports=ports),
+            dataplane=DataPlaneSettings(
+                ports=ports,
+                upstream_mark=0x539,
+                hbone=HboneSettings(),
+                listen_ipv6=False,
+                drain_deadline_s=1.0,
+            ),
+            log=LogSettings(),
+            static_config=StaticConfigSettings(path, poll_interval_s=0.05),
+        ),
+        load_static_config(path, version=1, now=datetime.now(UTC), hbone_port=ports.inbound_hbone),
+    )
+    async with running(process.run, ports):
+        await eventually(lambda: LISTENERS_BOUND not in process.readiness.pending, "listeners bound")
+        assert reconcile_errors(process.metrics, "static-config") == 0
+
+        path.write_text("workloads: [")  # the change is noticed, the file no longer parses
+        await eventually(
+            lambda: reconcile_errors(process.metrics, "static-config") == 1, "the failed reload counted"
+        )
+        # The configuration in use stays, and capture never got past its first step on this machine.
+        dump = process.config_dump()
+        assert "192.0.2.5" in json.dumps(dump)
+        assert "nft" in str(dump["redirect"]["last_error"])
+        assert dump["redirect"]["synced_pods"] is None
+        assert reconcile_errors(process.metrics, REDIRECTION_RECONCILER) >= 1
