@@ -17,6 +17,7 @@ import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,14 @@ from agent.identity.certificates import TrustBundle, WorkloadCertificate
 from agent.identity.csr import build_csr, generate_key
 from agent.identity.manager import CertificateManager, NotHosted, NotReady
 from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import PeerVerified, client_context, server_context, verify_peer
+from agent.identity.tls import PeerVerified, verify_peer
 from agent.observability.metrics import AgentMetrics
 from agent.operator.ca_decision import POD_NAME_EXTRA, POD_UID_EXTRA, SIGNER_NAME
 from agent.operator.ca_store import BUNDLE_KEY, ROOT_CERTIFICATE_KEY, load_or_create_root
 from agent.operator.csr_client import NODE_LABEL, KubernetesCsrIssuer
 from agent.operator.kubeapi import load_api_access
 from agent.operator.rest import ApiClient
+from agent.proxy.credentials import TlsContexts
 from agent.retry import Backoff
 from tests.e2e.cluster import Cluster
 from tests.e2e.cluster.agents import (
@@ -181,29 +183,60 @@ def published_bundle(cluster: Cluster) -> TrustBundle:
     return TrustBundle.from_pem(configmap.data[BUNDLE_KEY])
 
 
-async def handshake_serial(
-    server: WorkloadCertificate, client: WorkloadCertificate, bundle: TrustBundle
-) -> int:
-    """Runs a real mutual-TLS handshake over loopback; the serial of the certificate the server presented.
-    Both sides check the other's SPIFFE ID as HBONE does."""
-    peers: asyncio.Future[PeerVerified | object] = asyncio.get_running_loop().create_future()
+@dataclass(frozen=True)
+class TlsLink:
+    """One live mutual-TLS connection over loopback to an echo server."""
+
+    server_serial: int
+    """Serial of the certificate the server presented."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def echo(self, data: bytes) -> bytes:
+        """Sends `data` and reads back as many bytes."""
+        self.writer.write(data)
+        await self.writer.drain()
+        return await asyncio.wait_for(self.reader.readexactly(len(data)), 10)
+
+
+@contextlib.asynccontextmanager
+async def mutual_tls(
+    contexts: TlsContexts, server: WorkloadCertificate, client: WorkloadCertificate, bundle: TrustBundle
+) -> AsyncIterator[TlsLink]:
+    """A live mutual-TLS connection over loopback, its SSL contexts taken from `contexts` as the data
+    plane takes them (one per identity, rebuilt when the certificate is renewed). Both sides check the
+    other's SPIFFE ID as HBONE does; the server echoes what it reads."""
+    loop = asyncio.get_running_loop()
+    peers: asyncio.Future[PeerVerified | object] = loop.create_future()
+    served: asyncio.Future[None] = loop.create_future()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         peers.set_result(verify_peer(peer, client.spiffe_id))
-        writer.close()
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+            served.set_result(None)
 
-    listener = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context(server, bundle))
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=contexts.server(server, bundle))
     port = listener.sockets[0].getsockname()[1]
     try:
-        _, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=client_context(client, bundle), server_hostname=None
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=contexts.client(client, bundle), server_hostname=None
         )
-        presented = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        assert verify_peer(presented, server.spiffe_id) == PeerVerified(server.spiffe_id)
-        assert await asyncio.wait_for(peers, 10) == PeerVerified(client.spiffe_id)
-        writer.close()
-        return x509.load_der_x509_certificate(presented).serial_number
+        try:
+            presented = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            assert verify_peer(presented, server.spiffe_id) == PeerVerified(server.spiffe_id)
+            assert await asyncio.wait_for(peers, 10) == PeerVerified(client.spiffe_id)
+            yield TlsLink(x509.load_der_x509_certificate(presented).serial_number, reader, writer)
+        finally:
+            writer.close()
+            if peers.done():  # the server is echoing: let it see the end of the stream
+                await asyncio.wait_for(served, 10)
     finally:
         listener.close()
         await listener.wait_closed()
@@ -234,6 +267,8 @@ def test_a_token_bound_to_the_agent_pod_reaches_csrs_as_the_pod_extra(
 ACCESS = [
     # (user, verb, group, resource, subresource, name, namespace, allowed)
     (AGENT_USER, "create", "certificates.k8s.io", "certificatesigningrequests", "", "", "", True),
+    (AGENT_USER, "get", "certificates.k8s.io", "certificatesigningrequests", "", "x", "", True),
+    (AGENT_USER, "list", "certificates.k8s.io", "certificatesigningrequests", "", "", "", True),
     (AGENT_USER, "watch", "certificates.k8s.io", "certificatesigningrequests", "", "", "", True),
     (AGENT_USER, "delete", "certificates.k8s.io", "certificatesigningrequests", "", "x", "", True),
     (AGENT_USER, "update", "certificates.k8s.io", "certificatesigningrequests", "approval", "x", "", False),
@@ -261,6 +296,7 @@ ACCESS = [
     (CA_USER, "update", "", "configmaps", "", BUNDLE, AGENT_NAMESPACE, True),
     (CA_USER, "update", "", "configmaps", "", "other", AGENT_NAMESPACE, False),
     (CA_USER, "create", "", "events", "", "", "default", True),
+    (CA_USER, "get", "", "pods", "", "ambient-agent-node-1", AGENT_NAMESPACE, True),
     (CA_USER, "list", "", "pods", "", "", SHOP, True),
     (CA_USER, "delete", "", "pods", "", "x", SHOP, False),
 ]
@@ -332,7 +368,8 @@ async def test_a_node_gets_certificates_for_its_own_pods_service_accounts_only(
         bundle = await agent_1.trust_bundle(timeout=10)
         assert bundle == published_bundle(cluster) == TrustBundle((published_root(cluster),))
         cart.leaf.verify_directly_issued_by(bundle.roots[0])
-        assert await handshake_serial(db, cart, bundle) == db.leaf.serial_number
+        async with mutual_tls(TlsContexts(), db, cart, bundle) as link:
+            assert link.server_serial == db.leaf.serial_number
 
         gauge = metrics.registry.get_sample_value(
             "ambient_agent_certificate_expiry_timestamp_seconds", {"identity": str(CART)}
@@ -417,6 +454,7 @@ async def test_renewal_before_expiry_survives_a_ca_outage(
             assert isinstance(first, WorkloadCertificate), first
             assert first.not_after - first.not_before <= timedelta(seconds=45)
             bundle = await agent.trust_bundle(timeout=10)
+            assert isinstance(bundle, TrustBundle), bundle
 
             async def watch_until(done: Any, limit: datetime) -> WorkloadCertificate:
                 """Polls the data plane's view until `done(cert)`; it must never lack a valid cert."""
@@ -428,24 +466,38 @@ async def test_renewal_before_expiry_survives_a_ca_outage(
                     assert datetime.now(UTC) < limit, "timed out"
                     await asyncio.sleep(0.2)
 
-            second = await watch_until(
-                lambda c: c.leaf.serial_number != first.leaf.serial_number, first.not_after
-            )
-            assert datetime.now(UTC) < first.not_after, "renewed before expiry"
-            assert await handshake_serial(second, second, bundle) == second.leaf.serial_number
+            # The data plane's contexts: a connection opened after a renewal must present the new
+            # certificate, and one opened before it must keep working through renewal and outage.
+            contexts = TlsContexts()
+            async with mutual_tls(contexts, first, first, bundle) as opened_first:
+                assert opened_first.server_serial == first.leaf.serial_number
+                second = await watch_until(
+                    lambda c: c.leaf.serial_number != first.leaf.serial_number, first.not_after
+                )
+                assert datetime.now(UTC) < first.not_after, "renewed before expiry"
+                async with mutual_tls(contexts, second, second, bundle) as opened_after_renewal:
+                    assert opened_after_renewal.server_serial == second.leaf.serial_number
 
-            short_lived.stop()
-            await watch_until(lambda c: agent.status()[CART].failures >= 1, second.not_after)
-            assert str(agent.status()[CART].last_error).startswith("the CA did not answer")
-            assert (await agent.credential(CART, timeout=0)) is second, "the old certificate stays in use"
+                    short_lived.stop()
+                    await watch_until(lambda c: agent.status()[CART].failures >= 1, second.not_after)
+                    assert str(agent.status()[CART].last_error).startswith("the CA did not answer")
+                    assert (await agent.credential(CART, timeout=0)) is second, (
+                        "the old certificate stays in use"
+                    )
+                    assert await opened_after_renewal.echo(b"during the outage") == b"during the outage"
+                    assert (
+                        await opened_first.echo(b"opened before the renewal") == b"opened before the renewal"
+                    )
 
-            short_lived.start()
-            third = await watch_until(
-                lambda c: c.leaf.serial_number != second.leaf.serial_number, second.not_after
-            )
-            assert third.not_after > second.not_after
-            assert agent.status()[CART].failures == 0
-            assert await handshake_serial(third, third, bundle) == third.leaf.serial_number
+                    short_lived.start()
+                    third = await watch_until(
+                        lambda c: c.leaf.serial_number != second.leaf.serial_number, second.not_after
+                    )
+                    assert third.not_after > second.not_after
+                    assert agent.status()[CART].failures == 0
+                    async with mutual_tls(contexts, third, third, bundle) as opened_after_recovery:
+                        assert opened_after_recovery.server_serial == third.leaf.serial_number
+                    assert await opened_after_renewal.echo(b"after recovery") == b"after recovery"
     finally:
         short_lived.stop()
         ca.start()

@@ -3,27 +3,36 @@
 Two nodes each run `ambient-agent node` (static configuration, JSON logs). An enrolled client on
 node-1 sends a known number of bytes through the tunnel to an enrolled echo server on node-2; both
 agents must then report that connection with Istio's labels and the exact byte counts, each from its
-own side, and write a matching access-log line.
+own side, and write a matching access-log line. A third enrolled pod on node-1 has no certificate
+there: its connections fail with a counted reason and are never sent in plaintext; a fourth, on node-2,
+has none there either: tunnels to it are refused before any handshake, counted by node-2. Last, node-2 runs a
+Kubernetes-mode agent that cannot reach its API server: it stays not ready, waiting for its first sync.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.identity.testing import EphemeralCa
 from tests.e2e.cluster import Cluster, PodHandle
+from tests.e2e.cluster.agents import write_token_kubeconfig
 from tests.e2e.mesh import (
     ADMIN_PORT,
     METRICS_PORT,
     READINESS_PORT,
     Agent,
     MeshWorkload,
+    eventually,
     http_get,
     sockets_in,
     spiffe_id,
@@ -44,6 +53,10 @@ class Observed:
     cluster: Cluster
     client: PodHandle
     server: PodHandle
+    uncertified: PodHandle
+    """Enrolled on node-1 like `client`, but node-1's configuration holds no certificate for it."""
+    uncertified_server: PodHandle
+    """Enrolled on node-2 like `server`, but node-2's configuration holds no certificate for it."""
     agents: dict[str, Agent]
 
 
@@ -66,8 +79,23 @@ def observed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
         labels={"app": "server"},
         service_account="server",
     )
+    uncertified = cluster.create_pod(
+        "uncertified", NAMESPACE, node1, command=["sleep", "infinity"], service_account="uncertified"
+    )
+    uncertified_server = cluster.create_pod(
+        "uncertified-server",
+        NAMESPACE,
+        node2,
+        command=["python", "-m", "agent.testing.echo", "--port", str(ECHO_PORT)],
+        service_account="uncertified",
+    )
     ca = EphemeralCa.create()
-    workloads = [MeshWorkload(client, "client", True), MeshWorkload(server, "server", True)]
+    workloads = [
+        MeshWorkload(client, "client", True),
+        MeshWorkload(server, "server", True),
+        MeshWorkload(uncertified, "uncertified", True),
+        MeshWorkload(uncertified_server, "uncertified", True),
+    ]
     deny_port = {
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
@@ -89,10 +117,10 @@ def observed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
             agents[node.name] = start_agent(cluster, node, config, env=AGENT_ENV)
         for agent in agents.values():
             agent.wait_ready()
-        yield Observed(cluster, client, server, agents)
+        yield Observed(cluster, client, server, uncertified, uncertified_server, agents)
     finally:
         stop_agents(cluster, agents.values())
-        for pod in (client, server):
+        for pod in (client, server, uncertified, uncertified_server):
             cluster.delete_pod(pod)
 
 
@@ -167,6 +195,8 @@ def test_both_reporters_count_the_transfer_with_istio_labels(observed: Observed)
         assert str(line["src.addr"]).startswith(observed.client.ip + ":")
         assert line["direction"] == ("outbound" if reporter == "source" else "inbound")
     assert samples(node1, "istio_build")
+    [(_, snapshot_built)] = samples(node1, "ambient_agent_snapshot_timestamp_seconds")
+    assert 0 < snapshot_built <= time.time()
 
 
 def test_a_denied_connection_counts_with_its_response_flag(observed: Observed) -> None:
@@ -192,8 +222,87 @@ def test_a_denied_connection_counts_with_its_response_flag(observed: Observed) -
     )
 
 
+def test_a_workload_without_a_certificate_fails_with_a_reason_and_never_in_plaintext(
+    observed: Observed,
+) -> None:
+    failed = observed.cluster.run_in(
+        observed.uncertified.netns,
+        ["python", "-m", "agent.testing.client", observed.server.ip, str(ECHO_PORT), "--timeout", "10"],
+        timeout=30,
+        check=False,
+    )
+    assert failed.returncode != 0
+    source, destination = (observed.agents[node.name] for node in observed.cluster.nodes[:2])
+    deadline = time.monotonic() + 10
+    while not between(
+        samples(source, "istio_tcp_connections_failed_total"),
+        reporter="source",
+        response_flags="UF",
+        source_workload="uncertified",
+        destination_workload="server",
+    ):
+        assert time.monotonic() < deadline, "the failed connection was never counted"
+        time.sleep(0.2)
+    [line] = [record for record in access_lines(source) if record.get("src.workload") == "uncertified"]
+    assert str(line["error"]).startswith(f"no certificate for {spiffe_id(NAMESPACE, 'uncertified')}: ")
+    # Nothing reached the destination's node: no plaintext fallback, no tunnel without an identity.
+    assert not between(
+        samples(destination, "istio_tcp_connections_opened_total"), source_workload="uncertified"
+    )
+    assert not [record for record in access_lines(destination) if record.get("src.workload") == "uncertified"]
+
+
+def test_a_destination_without_a_certificate_refuses_tunnels_with_a_reason_it_counts(
+    observed: Observed,
+) -> None:
+    target = observed.uncertified_server
+    failed = observed.cluster.run_in(
+        observed.client.netns,
+        ["python", "-m", "agent.testing.client", target.ip, str(ECHO_PORT), "--timeout", "10"],
+        timeout=30,
+        check=False,
+    )
+    assert failed.returncode != 0
+    source, destination = (observed.agents[node.name] for node in observed.cluster.nodes[:2])
+    identity = spiffe_id(NAMESPACE, "uncertified")
+    deadline = time.monotonic() + 10
+    while not between(
+        samples(destination, "istio_tcp_connections_failed_total"),
+        reporter="destination",
+        response_flags="UF",
+        destination_workload=target.name,
+        destination_principal=identity,
+        connection_security_policy="mutual_tls",
+    ):
+        assert time.monotonic() < deadline, "the refused tunnel was never counted by its destination"
+        time.sleep(0.2)
+    [line] = [record for record in access_lines(destination) if record.get("dst.workload") == target.name]
+    assert str(line["error"]).startswith(f"no certificate for {identity}: ")
+    assert line["direction"] == "inbound"
+    assert between(
+        samples(source, "istio_tcp_connections_failed_total"),
+        reporter="source",
+        response_flags="UF",
+        destination_workload=target.name,
+    )
+    assert not between(
+        samples(destination, "istio_tcp_connections_opened_total"), destination_workload=target.name
+    )
+
+
+def sent_bytes(agent: Agent, reporter: str) -> float:
+    return between(
+        samples(agent, "istio_tcp_sent_bytes_total"),
+        reporter=reporter,
+        source_workload="client",
+        destination_workload="server",
+    )
+
+
 def test_admin_shows_the_snapshot_and_the_live_connection(observed: Observed) -> None:
     node1 = observed.agents[observed.client.node.name]
+    node2 = observed.agents[observed.server.node.name]
+    sent_from_source, sent_to_destination = sent_bytes(node1, "source"), sent_bytes(node2, "destination")
     (sock,) = sockets_in(observed.client.netns)
     sock.settimeout(10)
     try:
@@ -215,12 +324,23 @@ def test_admin_shows_the_snapshot_and_the_live_connection(observed: Observed) ->
             time.sleep(0.2)
         assert live[0]["source_principal"] == spiffe_id(NAMESPACE, "client")
         assert live[0]["security_policy"] == "mutual_tls"
+        # Byte counters move while the connection is still open, on both reporters.
+        assert sent_bytes(node1, "source") - sent_from_source >= 1000
+        assert eventually(lambda: sent_bytes(node2, "destination") - sent_to_destination >= 1000, 10)
+        status, body = http_get(node1.node.netns, "127.0.0.1", ADMIN_PORT, "/config_dump")
+        assert status == 200
+        dump = json.loads(body)
+        assert observed.server.ip in body
+        assert dump["open_connections"] >= 1
+        [tunnel] = [
+            entry
+            for entry in dump["outbound_pool"]
+            if entry["destination_identity"] == spiffe_id(NAMESPACE, "server")
+        ]
+        assert tunnel["source_identity"] == spiffe_id(NAMESPACE, "client")
+        assert sum(tunnel["connections"]) >= 1, "the open tunnel's stream"
     finally:
         sock.close()
-    status, body = http_get(node1.node.netns, "127.0.0.1", ADMIN_PORT, "/config_dump")
-    assert status == 200
-    assert observed.server.ip in body
-    assert isinstance(json.loads(body), dict)
 
 
 def test_readiness_turns_not_ready_while_draining(observed: Observed) -> None:
@@ -247,3 +367,45 @@ def test_readiness_turns_not_ready_while_draining(observed: Observed) -> None:
     finally:
         sock.close()
     assert node2.process.wait(30) == 0
+
+
+def test_an_agent_is_not_ready_before_its_first_sync(observed: Observed, tmp_path: Path) -> None:
+    """Runs after the drain test, on node-2 whose static agent that test stopped: a Kubernetes-mode
+    agent there whose API server does not answer binds its listeners but never becomes ready."""
+    static_agent = observed.agents[observed.server.node.name]
+    static_agent.stop()
+    node = static_agent.node
+    unreachable = write_token_kubeconfig(
+        tmp_path / "unreachable.kubeconfig",
+        "https://127.0.0.1:9",  # nothing listens there in the node's namespace
+        observed.cluster.layout.pki_dir / "ca.crt",
+        "unused",
+    )
+    log_path = observed.cluster.layout.log_dir / f"agent-{node.name}-unsynced.log"
+    with open(log_path, "w") as log_file:
+        process = observed.cluster.spawn_in(
+            node.netns,
+            ["python", "-m", "agent", "node", "--kubeconfig", str(unreachable), "--node-name", node.name],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **AGENT_ENV},
+        )
+    agent = Agent(node, process, log_path)
+    try:
+        answers: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 30
+        while not answers or "listeners-bound" in answers[-1][1]:
+            assert process.poll() is None, agent.log_tail()
+            assert time.monotonic() < deadline, f"listeners never bound: {answers[-1:]}\n{agent.log_tail()}"
+            with contextlib.suppress(OSError):  # not listening yet
+                answers.append(http_get(node.netns, node.ip, READINESS_PORT, "/healthz/ready", timeout=1))
+            time.sleep(0.1)
+        for _ in range(10):  # and it stays so
+            assert http_get(node.netns, node.ip, READINESS_PORT, "/healthz/ready") == (
+                503,
+                "waiting for: first-sync, rules-installed\n",
+            )
+            time.sleep(0.2)
+        assert all(status == 503 for status, _ in answers), answers
+    finally:
+        assert agent.stop() == 0, agent.log_tail()

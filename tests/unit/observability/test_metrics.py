@@ -6,6 +6,7 @@ from dataclasses import fields, replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import __version__
 from agent.observability.metrics import (
     LABEL_NAMES,
     AgentMetrics,
@@ -80,15 +81,36 @@ def test_metric_names_match_istio() -> None:
     metrics = AgentMetrics()
     metrics.tcp.failed(LABELS)
     metrics.tcp.closed(metrics.tcp.opened(LABELS))
-    names = set(samples(metrics))
-    assert {
+    metrics.tcp.opened(LABELS)
+    tcp = {name: rows for name, rows in samples(metrics).items() if name.startswith("istio_")}
+    assert set(tcp) == {
         "istio_tcp_connections_opened_total",
         "istio_tcp_connections_closed_total",
         "istio_tcp_connections_failed_total",
         "istio_tcp_sent_bytes_total",
         "istio_tcp_received_bytes_total",
+        "istio_open_sockets",
         "istio_build",
-    } <= names
+    }
+    for name, rows in tcp.items():
+        if name != "istio_build":
+            assert all(labels.keys() == set(LABEL_NAMES) for labels, _ in rows), name
+
+
+def test_build_and_the_agents_own_gauges_carry_their_labels() -> None:
+    metrics = AgentMetrics()
+    metrics.certificate_expiry.labels(SERVER.principal).set(1_900_000_000)
+    metrics.snapshot_timestamp.set(1_800_000_000.5)
+    metrics.reconcile_errors.labels("redirection").inc()
+    found = samples(metrics)
+    assert found["istio_build"] == [({"component": "ambient-agent", "tag": __version__}, 1.0)]
+    assert found["ambient_agent_certificate_expiry_timestamp_seconds"] == [
+        ({"identity": SERVER.principal}, 1_900_000_000.0)
+    ]
+    assert found["ambient_agent_snapshot_timestamp_seconds"] == [({}, 1_800_000_000.5)]
+    assert found["ambient_agent_reconcile_errors_total"] == [({"reconciler": "redirection"}, 1.0)]
+    metrics.certificate_expiry.remove(SERVER.principal)
+    assert samples(metrics).get("ambient_agent_certificate_expiry_timestamp_seconds", []) == []
 
 
 def test_missing_values_are_unknown_and_canonical_names_fall_back() -> None:
