@@ -151,6 +151,25 @@ def access_lines(agent: Agent) -> list[dict[str, object]]:
     return lines
 
 
+def connection_fails(observed: Observed, netns: str | None, ip: str, port: int) -> None:
+    """Runs the test client from `netns` to `ip:port` and checks that it could not connect."""
+    failed = observed.cluster.run_in(
+        netns,
+        ["python", "-m", "agent.testing.client", ip, str(port), "--timeout", "10"],
+        timeout=30,
+        check=False,
+    )
+    assert failed.returncode != 0
+
+
+def wait_failure_counted(agent: Agent, what: str, **labels: str) -> None:
+    """Waits (up to 10 s) for `istio_tcp_connections_failed_total` with `labels` on `agent`."""
+    deadline = time.monotonic() + 10
+    while not between(samples(agent, "istio_tcp_connections_failed_total"), **labels):
+        assert time.monotonic() < deadline, f"{what} was never counted"
+        time.sleep(0.2)
+
+
 def test_both_reporters_count_the_transfer_with_istio_labels(observed: Observed) -> None:
     result = observed.cluster.run_in(
         observed.client.netns,
@@ -200,23 +219,15 @@ def test_both_reporters_count_the_transfer_with_istio_labels(observed: Observed)
 
 
 def test_a_denied_connection_counts_with_its_response_flag(observed: Observed) -> None:
-    failed = observed.cluster.run_in(
-        observed.client.netns,
-        ["python", "-m", "agent.testing.client", observed.server.ip, str(DENIED_PORT), "--timeout", "10"],
-        timeout=30,
-        check=False,
-    )
-    assert failed.returncode != 0
+    connection_fails(observed, observed.client.netns, observed.server.ip, DENIED_PORT)
     destination = observed.agents[observed.server.node.name]
-    deadline = time.monotonic() + 10
-    while not between(
-        samples(destination, "istio_tcp_connections_failed_total"),
+    wait_failure_counted(
+        destination,
+        "the denied connection",
         reporter="destination",
         response_flags="UAEX",
         destination_workload="server",
-    ):
-        assert time.monotonic() < deadline, "the denied connection was never counted"
-        time.sleep(0.2)
+    )
     assert any(
         "error" in record and record.get("dst.workload") == "server" for record in access_lines(destination)
     )
@@ -225,24 +236,16 @@ def test_a_denied_connection_counts_with_its_response_flag(observed: Observed) -
 def test_a_workload_without_a_certificate_fails_with_a_reason_and_never_in_plaintext(
     observed: Observed,
 ) -> None:
-    failed = observed.cluster.run_in(
-        observed.uncertified.netns,
-        ["python", "-m", "agent.testing.client", observed.server.ip, str(ECHO_PORT), "--timeout", "10"],
-        timeout=30,
-        check=False,
-    )
-    assert failed.returncode != 0
+    connection_fails(observed, observed.uncertified.netns, observed.server.ip, ECHO_PORT)
     source, destination = (observed.agents[node.name] for node in observed.cluster.nodes[:2])
-    deadline = time.monotonic() + 10
-    while not between(
-        samples(source, "istio_tcp_connections_failed_total"),
+    wait_failure_counted(
+        source,
+        "the failed connection",
         reporter="source",
         response_flags="UF",
         source_workload="uncertified",
         destination_workload="server",
-    ):
-        assert time.monotonic() < deadline, "the failed connection was never counted"
-        time.sleep(0.2)
+    )
     [line] = [record for record in access_lines(source) if record.get("src.workload") == "uncertified"]
     assert str(line["error"]).startswith(f"no certificate for {spiffe_id(NAMESPACE, 'uncertified')}: ")
     # Nothing reached the destination's node: no plaintext fallback, no tunnel without an identity.
@@ -256,26 +259,18 @@ def test_a_destination_without_a_certificate_refuses_tunnels_with_a_reason_it_co
     observed: Observed,
 ) -> None:
     target = observed.uncertified_server
-    failed = observed.cluster.run_in(
-        observed.client.netns,
-        ["python", "-m", "agent.testing.client", target.ip, str(ECHO_PORT), "--timeout", "10"],
-        timeout=30,
-        check=False,
-    )
-    assert failed.returncode != 0
+    connection_fails(observed, observed.client.netns, target.ip, ECHO_PORT)
     source, destination = (observed.agents[node.name] for node in observed.cluster.nodes[:2])
     identity = spiffe_id(NAMESPACE, "uncertified")
-    deadline = time.monotonic() + 10
-    while not between(
-        samples(destination, "istio_tcp_connections_failed_total"),
+    wait_failure_counted(
+        destination,
+        "the refused tunnel at its destination",
         reporter="destination",
         response_flags="UF",
         destination_workload=target.name,
         destination_principal=identity,
         connection_security_policy="mutual_tls",
-    ):
-        assert time.monotonic() < deadline, "the refused tunnel was never counted by its destination"
-        time.sleep(0.2)
+    )
     [line] = [record for record in access_lines(destination) if record.get("dst.workload") == target.name]
     assert str(line["error"]).startswith(f"no certificate for {identity}: ")
     assert line["direction"] == "inbound"

@@ -19,7 +19,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from agent.hbone import HboneSettings
 from agent.observability.metrics import AgentMetrics
+from agent.proxy.dataplane import DataPlaneSettings
 from agent.settings import PortSettings
 
 WAIT_S = 15.0
@@ -41,6 +43,13 @@ def free_ports() -> PortSettings:
         admin=admin,
         metrics=metrics,
         readiness=readiness,
+    )
+
+
+def dataplane_settings(ports: PortSettings) -> DataPlaneSettings:
+    """Data-plane settings for a node process run in the test process: no IPv6, a short drain."""
+    return DataPlaneSettings(
+        ports=ports, upstream_mark=0x539, hbone=HboneSettings(), listen_ipv6=False, drain_deadline_s=1.0
     )
 
 

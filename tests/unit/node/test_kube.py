@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from agent.hbone import HboneSettings
 from agent.identity.certificates import WorkloadCertificate
 from agent.identity.manager import CertificateManager, IdentityStatus
 from agent.identity.spiffe import SpiffeId
@@ -33,13 +32,19 @@ from agent.node.settings import LogSettings, add_node_arguments
 from agent.node.shared import LISTENERS_BOUND, REDIRECTION_RECONCILER
 from agent.operator.kubeapi import ApiAccess
 from agent.operator.status import NodeState
-from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialUnavailable
 from agent.redirect.reconciler import RedirectStatus
 from agent.settings import NodeSettings, SettingsError
 from agent.state import MeshConfig, build_snapshot
 from tests.unit.identity.issuing import LIFETIME, T0, InProcessIssuer, ManualClock
-from tests.unit.node.running import eventually, free_ports, no_nft_on_path, reconcile_errors, running
+from tests.unit.node.running import (
+    dataplane_settings,
+    eventually,
+    free_ports,
+    no_nft_on_path,
+    reconcile_errors,
+    running,
+)
 from tests.unit.state.factories import workload
 
 WEB = SpiffeId("cluster.local", "shop", "web")
@@ -169,13 +174,7 @@ async def test_failed_capture_and_certificate_requests_count_as_reconcile_errors
     process = KubernetesNodeProcess(
         KubernetesNodeSettings(
             node=NodeSettings(node_name="node-a", ports=ports),
-            dataplane=DataPlaneSettings(
-                ports=ports,
-                upstream_mark=0x539,
-                hbone=HboneSettings(),
-                listen_ipv6=False,
-                drain_deadline_s=1.0,
-            ),
+            dataplane=dataplane_settings(ports),
             log=LogSettings(),
             kubernetes=KubernetesSettings(pod_name="ambient-agent-a", certificate_timeout_s=1.0),
         ),

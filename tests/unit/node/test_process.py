@@ -12,15 +12,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.hbone import HboneSettings
 from agent.identity.testing import EphemeralCa
 from agent.node.config import load_static_config
 from agent.node.process import NodeProcess, files_state, local_pod_ips
 from agent.node.settings import LogSettings, NodeProcessSettings, StaticConfigSettings
 from agent.node.shared import LISTENERS_BOUND, REDIRECTION_RECONCILER
-from agent.proxy.config import DataPlaneSettings
 from agent.settings import NodeSettings
-from tests.unit.node.running import eventually, free_ports, no_nft_on_path, reconcile_errors, running
+from tests.unit.node.running import (
+    dataplane_settings,
+    eventually,
+    free_ports,
+    no_nft_on_path,
+    reconcile_errors,
+    running,
+)
 
 
 def test_capture_covers_every_address_of_the_enrolled_pods_on_this_node_only(tmp_path: Path) -> None:
@@ -74,13 +79,7 @@ async def test_a_configuration_that_cannot_be_reloaded_counts_as_a_reconcile_err
     process = NodeProcess(
         NodeProcessSettings(
             node=NodeSettings(node_name="node-1", ports=ports),
-            dataplane=DataPlaneSettings(
-                ports=ports,
-                upstream_mark=0x539,
-                hbone=HboneSettings(),
-                listen_ipv6=False,
-                drain_deadline_s=1.0,
-            ),
+            dataplane=dataplane_settings(ports),
             log=LogSettings(),
             static_config=StaticConfigSettings(path, poll_interval_s=0.05),
         ),

@@ -112,6 +112,16 @@ class RecordingHandler(logging.Handler):
         self.lines.append(json.loads(record.getMessage()))
 
 
+def recorded_access_log(name: str) -> tuple[AccessLog, RecordingHandler]:
+    """A JSON access log on a logger of its own (`name` must be unique), and what records its lines."""
+    logger = logging.getLogger(f"tests.proxy.access.{name}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = RecordingHandler()
+    logger.addHandler(handler)
+    return AccessLog("json", logger), handler
+
+
 @dataclass
 class EchoPod:
     """An echo server listening on a pod's address; counts the connections it accepted."""
@@ -286,12 +296,8 @@ def _node(
     credentials: StaticCredentials,
 ) -> Node:
     metrics = AgentMetrics()
-    logger = logging.getLogger(f"tests.proxy.access.{name}.{id(metrics)}")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    handler = RecordingHandler()
-    logger.addHandler(handler)
-    plane = DataPlane(settings, snapshot, credentials, metrics, AccessLog("json", logger), name)
+    access_log, handler = recorded_access_log(f"{name}.{id(metrics)}")
+    plane = DataPlane(settings, snapshot, credentials, metrics, access_log, name)
     return Node(plane, metrics, handler)
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
-from agent.observability.accesslog import AccessLog
 from agent.observability.metrics import AgentMetrics, PeerLabels, TcpLabels
 from agent.proxy.labels import ResponseFlag
 from agent.proxy.sessions import Leg, Sessions
-from tests.unit.proxy.mesh import RecordingHandler
+from tests.unit.proxy.mesh import recorded_access_log
 
 CLIENT = PeerLabels(workload="sleep", namespace="shop", principal="spiffe://cluster.local/ns/shop/sa/sleep")
 SERVER = PeerLabels(workload="echo", namespace="shop", principal="spiffe://cluster.local/ns/shop/sa/echo")
@@ -26,12 +24,8 @@ def failed_samples(metrics: AgentMetrics) -> list[tuple[dict[str, str], float]]:
 
 def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_reason() -> None:
     metrics = AgentMetrics()
-    logger = logging.getLogger(f"tests.proxy.sessions.{id(metrics)}")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    access = RecordingHandler()
-    logger.addHandler(access)
-    sessions = Sessions(metrics, AccessLog("json", logger))
+    access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
+    sessions = Sessions(metrics, access_log)
     labels = TcpLabels("source", CLIENT, SERVER, security_policy="mutual_tls")
     legs = [
         Leg("outbound", labels, "10.1.0.2:40000", "10.2.0.5:8080"),
