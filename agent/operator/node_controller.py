@@ -71,8 +71,10 @@ AGENT_POD_LABELS: Mapping[str, str] = {"app.kubernetes.io/name": "ambient-agent"
 ENROLMENT_RECONCILER = "enrolment-status"
 """`reconciler` label of `ambient_agent_reconcile_errors` for failed status patches and Events."""
 
-_STOP_GRACE_S = 10.0
-"""How long kopf gets to stop its watchers once asked."""
+_STOP_GRACE_S = 2.0
+"""How long kopf gets to stop its watchers once asked, before it is cancelled. It stops within
+milliseconds when the API server answers, but keeps retrying a request to an unreachable one
+instead of stopping; its handlers only react to events, so cancelling leaves nothing half done."""
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ from aiohttp.test_utils import TestServer
 from agent.observability.metrics import AgentMetrics
 from agent.operator.kubeapi import ApiAccess
 from agent.operator.node_controller import (
+    _STOP_GRACE_S,
     ENROLMENT_RECONCILER,
     ControlPlaneSettings,
     EnrolmentReporter,
+    NodeController,
     local_pod_view,
     operator_settings,
 )
@@ -187,3 +189,18 @@ async def test_a_status_patch_that_succeeds_counts_no_error(caplog: pytest.LogCa
         await report_served_pod(url(server), metrics, annotated)
     assert len(api.patches) == 1
     assert enrolment_errors(metrics) == 0
+
+
+async def test_a_control_plane_cut_off_from_the_api_server_still_stops_when_asked() -> None:
+    # kopf keeps retrying a request to an unreachable API server instead of heeding its stop flag:
+    # the controller must end it rather than hang the node's shutdown.
+    controller = NodeController(
+        ApiAccess(server=f"http://127.0.0.1:{closed_port()}"),
+        ControlPlaneSettings(node_name="node-a", instance="agent-a"),
+        publish=lambda _: None,
+        metrics=AgentMetrics(),
+    )
+    controller.start()
+    await asyncio.sleep(0.5)  # kopf is up and failing to reach the API server
+    controller.stop()
+    await asyncio.wait_for(controller.wait_finished(), _STOP_GRACE_S + 3)
