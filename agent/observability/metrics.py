@@ -286,7 +286,8 @@ class AgentMetrics:
         )
         self.reconcile_errors = Counter(
             "ambient_agent_reconcile_errors",
-            "Failed reconcile attempts per reconciler (redirection, enrolment, certificates).",
+            "Failed reconcile attempts per reconciler"
+            " (redirection, certificates, enrolment-status, static-config).",
             ["reconciler"],
             registry=self.registry,
         )
