@@ -13,6 +13,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from tests.e2e.cluster import Cluster, Layout, fabric, netns
+from tests.e2e.cluster.controlplane import ETCD_URL
 from tests.e2e.cluster.fabric import leftovers
 
 ECHO_PORT = 8080
@@ -60,6 +61,34 @@ def test_api_server_rejects_invalid_objects(cluster: Cluster) -> None:
     with pytest.raises(ApiException) as rejected:
         cluster.core.create_namespaced_service("default", bad_port)
     assert rejected.value.status == 422
+
+
+_ETCD_HEALTH = """
+import ssl, sys, urllib.request
+url, ca, cert, key = sys.argv[1:]
+context = ssl.create_default_context(cafile=ca)
+if cert:
+    context.load_cert_chain(cert, key)
+try:
+    print(urllib.request.urlopen(url, context=context, timeout=5).read().decode())
+except OSError as error:
+    print("refused:", error)
+"""
+
+
+def etcd_health(cluster: Cluster, client_stem: str | None) -> str:
+    """GET /health on etcd from the control-plane namespace, checking etcd against its CA and
+    presenting `<pki>/<client_stem>.crt` (None: no certificate); the answer, or why it was refused."""
+    pki = cluster.layout.pki_dir
+    cert, key = (str(pki / f"{client_stem}.{ext}") for ext in ("crt", "key")) if client_stem else ("", "")
+    argv = ["python", "-c", _ETCD_HEALTH, f"{ETCD_URL}/health", str(pki / "etcd-ca.crt"), cert, key]
+    return cluster.run_in(cluster.layout.control_plane_netns, argv).stdout.strip()
+
+
+def test_etcd_admits_only_clients_with_a_certificate_of_its_own_ca(cluster: Cluster) -> None:
+    assert '"health":"true"' in etcd_health(cluster, "apiserver-etcd-client")
+    assert etcd_health(cluster, None).startswith("refused: [SSL")
+    assert etcd_health(cluster, "admin").startswith("refused: [SSL")  # the cluster CA's system:masters
 
 
 def test_pod_gets_an_address_from_its_node_and_runs(cluster: Cluster) -> None:

@@ -46,6 +46,8 @@ controller-manager a ServiceAccount token round trip (~0.25 s) before anything s
 
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 ETCD = "/usr/bin/etcd"
+ETCD_URL = "https://127.0.0.1:2379"
+"""etcd's client URL, on loopback in the control-plane namespace (TLS, client certificates)."""
 
 
 def missing_binaries() -> list[str]:
@@ -91,11 +93,20 @@ def start(layout: Layout, pki: ClusterPki) -> None:
             ETCD,
             "--name=etcd",
             f"--data-dir={layout.etcd_data_dir}",
-            "--listen-client-urls=http://127.0.0.1:2379",
-            "--advertise-client-urls=http://127.0.0.1:2379",
-            "--listen-peer-urls=http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls=http://127.0.0.1:2380",
-            "--initial-cluster=etcd=http://127.0.0.1:2380",
+            f"--listen-client-urls={ETCD_URL}",
+            f"--advertise-client-urls={ETCD_URL}",
+            "--listen-peer-urls=https://127.0.0.1:2380",
+            "--initial-advertise-peer-urls=https://127.0.0.1:2380",
+            "--initial-cluster=etcd=https://127.0.0.1:2380",
+            # TLS with client certificates on both ports, as kubeadm sets etcd up.
+            f"--cert-file={pki.etcd.cert}",
+            f"--key-file={pki.etcd.key}",
+            "--client-cert-auth",
+            f"--trusted-ca-file={pki.etcd_ca_cert}",
+            f"--peer-cert-file={pki.etcd.cert}",
+            f"--peer-key-file={pki.etcd.key}",
+            "--peer-client-cert-auth",
+            f"--peer-trusted-ca-file={pki.etcd_ca_cert}",
             "--log-level=warn",
             "--logger=zap",
         ],
@@ -106,7 +117,10 @@ def start(layout: Layout, pki: ClusterPki) -> None:
         "kube-apiserver",
         [
             str(bin_dir / "kube-apiserver"),
-            "--etcd-servers=http://127.0.0.1:2379",
+            f"--etcd-servers={ETCD_URL}",
+            f"--etcd-cafile={pki.etcd_ca_cert}",
+            f"--etcd-certfile={pki.apiserver_etcd_client.cert}",
+            f"--etcd-keyfile={pki.apiserver_etcd_client.key}",
             "--bind-address=0.0.0.0",
             f"--secure-port={API_PORT}",
             "--insecure-port=0",

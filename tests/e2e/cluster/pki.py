@@ -1,8 +1,10 @@
 """The cluster's certificates, service-account signing key and kubeconfigs, made with `cryptography`.
 
 One CA signs the API server's serving certificate and the client certificates (admin in
-`system:masters`, the controller-manager and the scheduler under their built-in RBAC users). The
-service-account key signs and verifies tokens, so TokenRequest and bound tokens work.
+`system:masters`, the controller-manager and the scheduler under their built-in RBAC users). A CA of
+its own signs etcd's certificate and the API server's etcd client certificate, as kubeadm does, so
+that no cluster client certificate opens etcd. The service-account key signs and verifies tokens,
+so TokenRequest and bound tokens work.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class ClusterPki:
     apiserver_key: Path
     service_account_key: Path
     service_account_public_key: Path
+    etcd_ca_cert: Path
+    etcd: ClientCredentials
+    """etcd's certificate and key, for clients and its peer port alike."""
+    apiserver_etcd_client: ClientCredentials
     admin: ClientCredentials
     controller_manager: ClientCredentials
     scheduler: ClientCredentials
@@ -73,10 +79,10 @@ class _Issuer:
         self.key = key
 
     @classmethod
-    def new_ca(cls) -> _Issuer:
+    def new_ca(cls, common_name: str) -> _Issuer:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        name = _name("ambient-e2e-ca")
+        name = _name(common_name)
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -108,7 +114,7 @@ class _Issuer:
     def issue(
         self,
         subject: x509.Name,
-        usage: x509.ObjectIdentifier,
+        usage: x509.ObjectIdentifier | list[x509.ObjectIdentifier],
         sans: list[x509.GeneralName] | None = None,
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -136,7 +142,9 @@ class _Issuer:
                 ),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(usage if isinstance(usage, list) else [usage]), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
             )
@@ -149,9 +157,11 @@ class _Issuer:
 def issue_cluster_pki(pki_dir: Path, apiserver_ips: list[str]) -> ClusterPki:
     """Creates a fresh CA, serving and client certificates and the service-account key in `pki_dir`."""
     pki_dir.mkdir(parents=True, exist_ok=True)
-    ca = _Issuer.new_ca()
+    ca = _Issuer.new_ca("ambient-e2e-ca")
     _write_cert(pki_dir / "ca.crt", ca.cert)
     _write_key(pki_dir / "ca.key", ca.key)
+    etcd_ca = _Issuer.new_ca("ambient-e2e-etcd-ca")
+    _write_cert(pki_dir / "etcd-ca.crt", etcd_ca.cert)
 
     dns_names = [
         "localhost",
@@ -167,12 +177,20 @@ def issue_cluster_pki(pki_dir: Path, apiserver_ips: list[str]) -> ClusterPki:
     _write_cert(pki_dir / "apiserver.crt", cert)
     _write_key(pki_dir / "apiserver.key", key)
 
-    def client(file_stem: str, user: str, group: str | None) -> ClientCredentials:
-        cert, key = ca.issue(_name(user, group), ExtendedKeyUsageOID.CLIENT_AUTH)
+    def written(file_stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> ClientCredentials:
         credentials = ClientCredentials(pki_dir / f"{file_stem}.crt", pki_dir / f"{file_stem}.key")
         _write_cert(credentials.cert, cert)
         _write_key(credentials.key, key)
         return credentials
+
+    def client(file_stem: str, user: str, group: str | None) -> ClientCredentials:
+        return written(file_stem, *ca.issue(_name(user, group), ExtendedKeyUsageOID.CLIENT_AUTH))
+
+    etcd_sans: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    etcd_usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
 
     service_account_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(pki_dir / "service-account.key", service_account_key)
@@ -188,6 +206,12 @@ def issue_cluster_pki(pki_dir: Path, apiserver_ips: list[str]) -> ClusterPki:
         apiserver_key=pki_dir / "apiserver.key",
         service_account_key=pki_dir / "service-account.key",
         service_account_public_key=pki_dir / "service-account.pub",
+        etcd_ca_cert=pki_dir / "etcd-ca.crt",
+        etcd=written("etcd", *etcd_ca.issue(_name("etcd"), etcd_usages, etcd_sans)),
+        apiserver_etcd_client=written(
+            "apiserver-etcd-client",
+            *etcd_ca.issue(_name("kube-apiserver-etcd-client"), ExtendedKeyUsageOID.CLIENT_AUTH),
+        ),
         admin=client("admin", "admin", "system:masters"),
         controller_manager=client("controller-manager", "system:kube-controller-manager", None),
         scheduler=client("scheduler", "system:kube-scheduler", None),
