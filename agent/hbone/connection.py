@@ -40,6 +40,7 @@ from agent.hbone.config import HTTP2_MIN_WINDOW, HboneSettings
 from agent.hbone.errors import ErrorCode, HboneUsageError
 from agent.hbone.events import (
     ConnectionClosing,
+    ConnectionEvent,
     ConnectionFailed,
     DataReceived,
     OutboundBufferDrained,
@@ -48,15 +49,7 @@ from agent.hbone.events import (
     StreamReset,
 )
 
-CommonEvent = (
-    DataReceived
-    | PeerHalfClosed
-    | StreamReset
-    | OutboundBufferDrained
-    | PingAcknowledged
-    | ConnectionClosing
-    | ConnectionFailed
-)
+CommonEvent = DataReceived | ConnectionEvent
 """Events both ends report."""
 
 Emit = Callable[[CommonEvent], None]
@@ -322,7 +315,7 @@ class HboneConnection:
             stream.pending.append(memoryview(bytes(data)))
             stream.pending_bytes += len(data)
             return stream.pending_bytes
-        sent = self._send_within_window(stream, stream_id, data)
+        sent = self._send_within_window(stream, data)
         if sent == len(data):
             return 0
         # `data` may be a view of a read buffer the I/O layer reuses: keep a copy.
@@ -604,7 +597,7 @@ class HboneConnection:
 
     # Sending.
 
-    def _send_within_window(self, stream: _Stream, stream_id: int, data: bytes | memoryview) -> int:
+    def _send_within_window(self, stream: _Stream, data: bytes | memoryview) -> int:
         """Sends as much of `data` as the windows allow, in frames the peer accepts; returns how much."""
         h2 = self._h2
         h2_stream = stream.h2_stream
@@ -621,6 +614,7 @@ class HboneConnection:
         if self.data_fast_path and h2.state_machine.state is not ConnectionState.CLOSED:
             self._send_fast_data(h2_stream, data, allowed, max_frame)
             return allowed
+        stream_id = h2_stream.stream_id
         if allowed == len(data) and allowed <= max_frame:
             h2.send_data(stream_id, data)
             return allowed
@@ -679,7 +673,7 @@ class HboneConnection:
         pending = stream.pending
         while pending:
             chunk = pending[0]
-            sent = self._send_within_window(stream, stream_id, chunk)
+            sent = self._send_within_window(stream, chunk)
             stream.pending_bytes -= sent
             if sent < len(chunk):
                 pending[0] = chunk[sent:]

@@ -205,7 +205,8 @@ class TcpMetrics(Collector):
 
     def opened(self, labels: TcpLabels) -> TrackedConnection:
         """Counts a new connection and returns the handle the pump updates."""
-        connection = TrackedConnection(self._interned(labels), next(self._ids))
+        labels = self._interned(labels)
+        connection = TrackedConnection(labels, next(self._ids))
         self._live[connection.id] = connection
         self._opened[labels] += 1
         return connection

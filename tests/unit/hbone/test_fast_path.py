@@ -424,6 +424,28 @@ def common_action(action: tuple[Any, ...], acknowledger: Acknowledger) -> Callab
             raise AssertionError(action)
 
 
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def interleaved(local_action: st.SearchStrategy[tuple[Any, ...]]) -> st.SearchStrategy[list[tuple[str, Any]]]:
+    """Up to 25 steps, each a few frames from the peer or one call on the local side."""
+    return st.lists(
+        st.one_of(
+            st.tuples(st.just("peer"), st.lists(PEER_FRAME, min_size=1, max_size=4)),
+            st.tuples(st.just("local"), local_action),
+        ),
+        max_size=25,
+    )
+
+
+def connects(peer: Peer) -> bytes:
+    """The peer's CONNECTs opening the first two streams (most generated DATA frames then meet a
+    stream that takes them)."""
+    return b"".join(
+        peer.headers(stream_id, CONNECT, end_stream=False, split=False) for stream_id in STREAMS[:2]
+    )
+
+
 def run_steps(
     twins: Twins,
     peer: Peer,
@@ -441,37 +463,18 @@ def run_steps(
         twins.outputs()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.lists(
-        st.one_of(
-            st.tuples(st.just("peer"), st.lists(PEER_FRAME, min_size=1, max_size=4)),
-            st.tuples(st.just("local"), SERVER_ACTION),
-        ),
-        max_size=25,
-    )
-)
+@PROPERTY_SETTINGS
+@given(interleaved(SERVER_ACTION))
 def test_a_server_with_the_fast_path_behaves_as_h2(steps: list[tuple[str, Any]]) -> None:
     twins = Twins.of(lambda: HboneServerConnection(SMALL))
     twins.feed(PREFACE + SettingsFrame(0).serialize())
     peer = Peer()
-    # Open tunnels first, so that most generated DATA frames meet a stream that takes them.
-    twins.feed(
-        b"".join(peer.headers(stream_id, CONNECT, end_stream=False, split=False) for stream_id in STREAMS[:2])
-    )
+    twins.feed(connects(peer))
     run_steps(twins, peer, steps, server_action, answers=False)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.lists(
-        st.one_of(
-            st.tuples(st.just("peer"), st.lists(PEER_FRAME, min_size=1, max_size=4)),
-            st.tuples(st.just("local"), CLIENT_ACTION),
-        ),
-        max_size=25,
-    )
-)
+@PROPERTY_SETTINGS
+@given(interleaved(CLIENT_ACTION))
 def test_a_client_with_the_fast_path_behaves_as_h2(steps: list[tuple[str, Any]]) -> None:
     twins = Twins.of(lambda: HboneClientConnection(SMALL))
     peer = Peer()
@@ -487,7 +490,7 @@ def test_a_client_with_the_fast_path_behaves_as_h2(steps: list[tuple[str, Any]])
     run_steps(twins, peer, steps, client_action, answers=True)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@PROPERTY_SETTINGS
 @given(
     st.lists(PEER_FRAME, min_size=1, max_size=12),
     st.lists(st.integers(0, 200_000), max_size=20),
@@ -497,9 +500,7 @@ def test_how_the_bytes_are_cut_changes_nothing_but_the_pieces(
 ) -> None:
     peer_stream = PREFACE + SettingsFrame(0).serialize()
     peer = Peer()
-    peer_stream += b"".join(
-        peer.headers(stream_id, CONNECT, end_stream=False, split=False) for stream_id in STREAMS[:2]
-    )
+    peer_stream += connects(peer)
     peer_stream += peer_bytes(peer, frames, answers=False)
     whole, chunked = HboneServerConnection(SMALL), HboneServerConnection(SMALL)
     whole_events = whole.receive_data(peer_stream)

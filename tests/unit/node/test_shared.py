@@ -1,4 +1,5 @@
-"""What both node modes share: what a snapshot asks of this node."""
+"""What both node modes share: what a snapshot asks of this node, and the watchdog that ends a
+shutdown overrunning its deadline."""
 
 from __future__ import annotations
 
