@@ -62,7 +62,7 @@ class HboneClientConnection(HboneConnection):
         if not self.can_open_stream:
             raise HboneUsageError("open_tunnel on a connection that cannot take another stream")
         stream_id = self._h2.get_next_available_stream_id()
-        self._h2.send_headers(stream_id, connect_request_headers(target, forwarded_for))
+        self._send_headers(stream_id, connect_request_headers(target, forwarded_for))
         self._track_stream(stream_id)
         return stream_id
 

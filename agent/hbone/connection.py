@@ -4,7 +4,7 @@ back only as the application consumes, resets, GOAWAY, and turning h2's failures
 
 Sans-IO: bytes in through `receive_data`, bytes out through `data_to_send`; no sockets, no clocks.
 
-The DATA fast path. A tunnel's bytes are nearly all plain DATA frames on open streams, and h2 costs
+The fast path. A tunnel's bytes are nearly all plain DATA frames on open streams, and h2 costs
 several copies and a few dozen Python calls per frame (its frame buffer accumulates each frame
 before parsing it, then copies the payload twice more). So this module splits the received byte
 stream into frames itself: a DATA frame on a stream that h2 would accept as it is (open for
@@ -13,9 +13,23 @@ payload handed out as it arrives, in pieces, with h2's window accounting done ex
 every other frame (HEADERS, SETTINGS, WINDOW_UPDATE, RST_STREAM, PING, GOAWAY, DATA with flags or
 on a stream in any other state, anything malformed) goes to h2 whole, in order. Sending, a DATA frame
 on a stream h2 would let send is framed here and accounted in h2's windows, after whatever h2 had
-queued. h2 stays the single owner of stream states and windows; the fast path only reads them and
-consumes window the way h2's own DATA handling does (`_h2_internals_present` names the h2 internals
-it touches; the fast path turns itself off if they are missing).
+queued.
+
+A tunnel's other frames, its CONNECT, the answer and one END_STREAM each way, cost h2 a hundred
+Python calls per side beyond what they mean to its state machines (frame objects, flag sets, HPACK,
+debug logging). Those frames pass h2's codec by in the common case: sending, this side builds the
+HEADERS frame (the header block is stateless, `header_block`) or the empty END_STREAM frame and
+feeds h2's connection and stream state machines the inputs h2's `send_headers` and `end_stream`
+feed them; receiving, a whole HEADERS frame (END_HEADERS only, no header block in progress) whose
+block `header_block.decode` reads, on a tracked stream open for receiving or as a new request
+within the stream limit, and an empty DATA frame with END_STREAM on a tracked stream, are handed
+to h2's own stream methods (`receive_headers`, `receive_data`) as h2's frame handlers would hand
+them. Anything else goes through h2 as a frame.
+
+h2 stays the single owner of stream states and windows; the fast path only reads them, consumes
+window the way h2's own DATA handling does and drives h2's state machines with the inputs h2's own
+code would (`_h2_internals_present` names the h2 internals it touches; the fast path turns itself
+off if they are missing).
 """
 
 from __future__ import annotations
@@ -27,15 +41,18 @@ from typing import Any
 
 import h2.events as h2e
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
-from h2.exceptions import ProtocolError
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2Connection
+from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamState
+from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.utilities import authority_from_headers, extract_method_header
 from h2.windows import WindowManager
 from hpack import Encoder
+from hpack.table import HeaderTable
 from hyperframe.frame import Frame, GoAwayFrame
 
+from agent.hbone import header_block
 from agent.hbone.config import HTTP2_MIN_WINDOW, HboneSettings
 from agent.hbone.errors import ErrorCode, HboneUsageError
 from agent.hbone.events import (
@@ -92,16 +109,18 @@ _HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
 
 
 def _h2_internals_present() -> bool:
-    """Whether h2 has the internals the DATA fast path uses (checked once, on a real connection).
+    """Whether h2 has the internals the fast path uses (checked once, on a real connection).
 
     h2 has no public way to consume receive window for a frame it did not parse. The fast path uses
     what h2's own `_receive_data_frame` and `H2Stream.receive_data` use: the connection's
     `_inbound_flow_control_window_manager` and each stream's `_inbound_window_manager`
     (`WindowManager.current_window_size`), the stream's `_expected_content_length` (bodies h2
-    checks against a content-length) and `state_machine` (`state`, `headers_received`); and
-    `_data_to_send`, the buffer `data_to_send` empties, to skip that call (a copy and a new buffer)
-    when h2 queued nothing. If an h2 release renamed them, the fast path stays off and every frame
-    goes through h2.
+    checks against a content-length) and `state_machine` (`state`, `headers_received`,
+    `trailers_sent`); and `_data_to_send`, the buffer `data_to_send` empties, to skip that call (a
+    copy and a new buffer) when h2 queued nothing. For HEADERS and END_STREAM it uses what
+    `send_headers`, `end_stream` and `_receive_headers_frame` use: `_get_or_create_stream`, the
+    stream's `_authority` and `request_method`, and the decoder's `header_table`. If an h2 release
+    renamed them, the fast path stays off and every frame goes through h2.
     """
     h2 = H2Connection(H2Configuration(client_side=True))
     h2.initiate_connection()
@@ -115,6 +134,12 @@ def _h2_internals_present() -> bool:
             and stream._expected_content_length is None
             and stream.state_machine.state is _OPEN
             and not stream.state_machine.headers_received
+            and not stream.state_machine.trailers_sent
+            and stream._authority == b"probe:1"
+            and stream.request_method == b"CONNECT"
+            and h2._get_or_create_stream(1, AllowedStreamIDs.ODD) is stream
+            and isinstance(h2.decoder.header_table, HeaderTable)
+            and isinstance(h2.decoder.max_header_list_size, int)
             and isinstance(h2._data_to_send, bytearray)
         )
     except AttributeError:
@@ -151,16 +176,23 @@ class _ReceiveFrameBuffer(FrameBuffer):
         return frame
 
 
-class _LiteralEncoder(Encoder):
-    """hpack's encoder with string literals sent as they are, not Huffman-coded.
+class _StatelessEncoder(Encoder):
+    """hpack's encoder replaced by `header_block.encode`: blocks that leave the peer's dynamic
+    table alone (empty, from the first block on) and literals that are not Huffman-coded.
 
-    hpack codes Huffman strings in Python, a bit at a time: on every new tunnel the sender coded
-    the `forwarded` value and the receiver decoded it, for a dozen bytes saved on a connection that
-    carries megabytes. RFC 7541 lets each literal be sent either way; every decoder reads both.
+    Every tunnel names a new client port, so indexing its `forwarded` value filled both sides'
+    tables with entries never used again; hpack codes Huffman strings in Python, a bit at a time,
+    on both sides. A stateless block also lets this side frame HEADERS itself (see
+    `HboneConnection._send_headers`) and produce the very bytes h2 would.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._first_block = True
+
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        return super().encode(headers, huffman=False)
+        first_block, self._first_block = self._first_block, False
+        return header_block.encode(headers, empty_table_first=first_block)
 
 
 class _Stream:
@@ -194,8 +226,9 @@ class HboneConnection:
     releases whatever the stream still owed.
     """
 
-    data_fast_path = _h2_internals_present()
-    """Whether plain DATA frames bypass h2 (see the module docstring); False: h2 handles every frame."""
+    fast_path = _h2_internals_present()
+    """Whether plain DATA frames bypass h2, and a tunnel's HEADERS and END_STREAM h2's codec (see the
+    module docstring); False: h2 handles every frame."""
 
     _handlers: dict[type[h2e.Event], H2Handler]
     """Each side's handler of every h2 event `receive_data` can meet."""
@@ -224,7 +257,7 @@ class HboneConnection:
         }
         if client_side:
             initial_settings[SettingCodes.ENABLE_PUSH] = 0
-        self._h2.encoder = _LiteralEncoder()
+        self._h2.encoder = _StatelessEncoder()
         self._h2.local_settings = Settings(client=client_side, initial_values=initial_settings)
         self._h2.max_inbound_frame_size = settings.max_frame_size
         self._frames = _ReceiveFrameBuffer(server=not client_side)
@@ -253,6 +286,8 @@ class HboneConnection:
         self._preface_left = 0 if client_side else PREFACE_SIZE
         self._in_header_block = False
         """A HEADERS or PUSH_PROMISE went to h2 without END_HEADERS: CONTINUATION frames must follow."""
+        self._past_codec = False
+        """The whole frame being received may pass h2's codec by (a tunnel's HEADERS or END_STREAM)."""
         self._closed = False
         self._peer_going_away = False
 
@@ -338,7 +373,7 @@ class HboneConnection:
             return
         stream.end_requested = True
         if stream.pending is None:
-            self._h2.end_stream(stream_id)
+            self._send_end_stream(stream)
             self._forget_if_finished(stream_id, stream)
 
     def reset_stream(self, stream_id: int, error_code: ErrorCode = ErrorCode.CONNECT_ERROR) -> None:
@@ -420,7 +455,7 @@ class HboneConnection:
                     position += FRAME_HEADER.size  # the payload (if any) passes through as it arrives
                 elif end - position >= FRAME_HEADER.size + length:
                     frame_end = position + FRAME_HEADER.size + length
-                    self._receive_by_h2(view[position:frame_end], emit)
+                    self._receive_frame(view[position:frame_end], emit)
                     position = frame_end
                 else:
                     self._partial += view[position:]
@@ -447,7 +482,7 @@ class HboneConnection:
         if len(partial) == frame_size:
             frame = bytes(partial)
             partial.clear()
-            self._receive_by_h2(frame, emit)
+            self._receive_frame(frame, emit)
         return position
 
     def _frame_header(self, buffer: memoryview | bytearray, offset: int, emit: Emit) -> int | None:
@@ -464,14 +499,18 @@ class HboneConnection:
         if kind == _DATA:
             if self._starts_fast_data(stream_id & _STREAM_ID_MASK, flags, length):
                 return None
+            self._past_codec = flags == _END_STREAM and not length and not self._in_header_block
         elif kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+            self._past_codec = kind == _HEADERS and flags == _END_HEADERS and not self._in_header_block
             self._in_header_block = not flags & _END_HEADERS
+        else:
+            self._past_codec = False
         return length
 
     def _starts_fast_data(self, stream_id: int, flags: int, length: int) -> bool:
         """Takes a DATA frame past h2 if h2 would accept it as it is, consuming its length from
         both receive windows as h2 would; False leaves the frame to h2 (and its errors)."""
-        if not self.data_fast_path or flags & (_END_STREAM | _PADDED) or self._in_header_block:
+        if not self.fast_path or flags & (_END_STREAM | _PADDED) or self._in_header_block:
             return False
         tracked = self._streams.get(stream_id)
         if tracked is None:
@@ -506,6 +545,71 @@ class HboneConnection:
         else:
             self._h2.acknowledge_received_data(size, stream_id)
 
+    def _receive_frame(self, frame: bytes | memoryview, emit: Emit) -> None:
+        """Handles a whole frame that is not fast-path DATA (its header was read by `_frame_header`)."""
+        if self._past_codec and self.fast_path and self._h2.state_machine.state is not ConnectionState.CLOSED:
+            _, _, kind, _, stream_id = FRAME_HEADER.unpack_from(frame)
+            stream_id &= _STREAM_ID_MASK
+            if kind == _DATA:
+                handled = self._receive_end_stream(stream_id, emit)
+            else:
+                handled = self._receive_headers(stream_id, memoryview(frame)[FRAME_HEADER.size :], emit)
+            if handled:
+                return
+        self._receive_by_h2(frame, emit)
+
+    def _receive_headers(self, stream_id: int, block: memoryview, emit: Emit) -> bool:
+        """What h2's `_receive_headers_frame` does with a HEADERS frame carrying END_HEADERS only,
+        if the stream is tracked and open for receiving, or (server) a new request within the
+        stream limit, and `header_block` reads the block; False (nothing done) otherwise."""
+        h2 = self._h2
+        client_side = h2.config.client_side
+        tracked = self._streams.get(stream_id)
+        if tracked is not None:
+            state = tracked.h2_stream.state_machine.state
+            if state is not _OPEN and state is not _HALF_CLOSED_LOCAL:
+                return False
+        elif client_side or stream_id % 2 != 1 or stream_id <= h2.highest_inbound_stream_id:
+            return False  # not a new request: h2 knows what to make of it
+        decoder = h2.decoder
+        headers = header_block.decode(block, decoder.header_table, decoder.max_header_list_size)
+        if headers is None:
+            return False
+        # h2's check (and its pruning of closed streams) before a new stream.
+        if tracked is None and h2.open_inbound_streams + 1 > h2.local_settings.max_concurrent_streams:
+            return False
+        try:
+            events = h2.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+            stream = h2._get_or_create_stream(stream_id, AllowedStreamIDs(not client_side))
+            _, stream_events = stream.receive_headers(headers, False, h2.config.header_encoding)
+        except ProtocolError as error:  # h2 would end the connection the same way
+            emit(self._fail(ErrorCode.from_wire(int(error.error_code)), str(error) or type(error).__name__))
+            return True
+        self._handle_h2_events(events + stream_events, emit)
+        return True
+
+    def _receive_end_stream(self, stream_id: int, emit: Emit) -> bool:
+        """What h2's `_receive_data_frame` does with an empty DATA frame carrying END_STREAM, if the
+        stream is tracked, open for receiving, answered and without a content-length; False
+        (nothing done) otherwise."""
+        tracked = self._streams.get(stream_id)
+        if tracked is None:
+            return False
+        stream = tracked.h2_stream
+        machine = stream.state_machine
+        state = machine.state
+        if (
+            (state is not _OPEN and state is not _HALF_CLOSED_LOCAL)
+            or not machine.headers_received
+            or stream._expected_content_length is not None
+        ):
+            return False
+        # No window to consume: the frame carries no bytes.
+        events = self._h2.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        _, stream_events = stream.receive_data(b"", True, 0)
+        self._handle_h2_events(events + stream_events, emit)
+        return True
+
     def _receive_by_h2(self, data: bytes | memoryview, emit: Emit) -> None:
         """Feeds whole frames (or the preface) to h2 and handles what they mean."""
         try:
@@ -513,10 +617,13 @@ class HboneConnection:
         except ProtocolError as error:
             emit(self._fail(ErrorCode.from_wire(int(error.error_code)), str(error) or type(error).__name__))
             return
+        self._handle_h2_events(events, emit)
+        self._receive_set_aside_goaways(emit)
+
+    def _handle_h2_events(self, events: list[h2e.Event], emit: Emit) -> None:
         handlers = self._handlers
         for event in events:
             handlers[type(event)](event, emit)
-        self._receive_set_aside_goaways(emit)
 
     def _fail(self, error_code: ErrorCode, detail: str) -> ConnectionFailed:
         self._closed = True
@@ -611,7 +718,7 @@ class HboneConnection:
         # A stream this side tracks and has not ended (`send_data` checked) is one h2 lets send on:
         # whatever makes h2 close it (a reset either way, a refusal) untracks it at once. Only a
         # closed connection (GOAWAY sent) is left to h2, which raises as it must.
-        if self.data_fast_path and h2.state_machine.state is not ConnectionState.CLOSED:
+        if self.fast_path and h2.state_machine.state is not ConnectionState.CLOSED:
             self._send_fast_data(h2_stream, data, allowed, max_frame)
             return allowed
         stream_id = h2_stream.stream_id
@@ -626,6 +733,44 @@ class HboneConnection:
             offset = end
         return allowed
 
+    def _send_headers(self, stream_id: int, headers: list[header_block.Header]) -> None:
+        """What h2's `send_headers` does for a header block without END_STREAM (a CONNECT, a 2xx),
+        framing the block here: the block is the same either way, the encoder being stateless."""
+        h2 = self._h2
+        if not self.fast_path or h2.state_machine.state is ConnectionState.CLOSED:
+            h2.send_headers(stream_id, headers)
+            return
+        if stream_id not in h2.streams:
+            open_streams = h2.open_outbound_streams  # h2 prunes closed streams here
+            limit = h2.remote_settings.max_concurrent_streams
+            if open_streams + 1 > limit:
+                raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_streams} open")
+        h2.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        stream = h2._get_or_create_stream(stream_id, AllowedStreamIDs(h2.config.client_side))
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        block = h2.encoder.encode(headers)
+        if machine.trailers_sent:
+            raise ProtocolError("Trailers must have END_STREAM set.")
+        if machine.client and stream._authority is None:
+            stream._authority = authority_from_headers(headers)
+        stream.request_method = extract_method_header(headers)
+        # A CONNECT or a status is far below the smallest frame size a peer may set (16 KiB).
+        size = len(block)
+        header = FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _HEADERS, _END_HEADERS, stream_id)
+        self._send_past_h2(header + block)
+
+    def _send_end_stream(self, stream: _Stream) -> None:
+        """What h2's `end_stream` does (an empty DATA frame with END_STREAM), framed here."""
+        h2 = self._h2
+        h2_stream = stream.h2_stream
+        if not self.fast_path or h2.state_machine.state is ConnectionState.CLOSED:
+            h2.end_stream(h2_stream.stream_id)
+            return
+        h2.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        h2_stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        self._send_past_h2(FRAME_HEADER.pack(0, 0, _DATA, _END_STREAM, h2_stream.stream_id))
+
     def _send_past_h2(self, data: bytes) -> None:
         """Queues bytes h2 does not produce, after everything h2 queued so far."""
         self._take_h2_queue()
@@ -634,7 +779,7 @@ class HboneConnection:
     def _take_h2_queue(self) -> None:
         """Moves what h2 queued so far to the outbound bytes, ahead of what this side adds next."""
         h2 = self._h2
-        if self.data_fast_path and not h2._data_to_send:
+        if self.fast_path and not h2._data_to_send:
             return
         if queued := h2.data_to_send():
             self._outbound.append(queued)
@@ -683,7 +828,7 @@ class HboneConnection:
         del self._blocked[stream_id]
         emit(OutboundBufferDrained(stream_id))
         if stream.end_requested:
-            self._h2.end_stream(stream_id)
+            self._send_end_stream(stream)
             self._forget_if_finished(stream_id, stream)
         return True
 

@@ -15,6 +15,9 @@ from agent.hbone.errors import ErrorCode, RefusalReason
 from agent.hbone.events import MalformedTunnelRequest, ServerEvent, TunnelRequested
 from agent.hbone.request import MalformedRequest, parse_connect_request
 
+_TUNNEL_ESTABLISHED = [(b":status", b"200")]
+"""The answer to an accepted CONNECT."""
+
 
 class HboneServerConnection(HboneConnection):
     """One accepted HBONE connection: `TunnelRequested` events to answer with `accept` or
@@ -62,7 +65,7 @@ class HboneServerConnection(HboneConnection):
         exists); False if the stream is gone (the client reset it meanwhile: close the upstream)."""
         if stream_id not in self._streams:
             return False
-        self._h2.send_headers(stream_id, [(b":status", b"200")])
+        self._send_headers(stream_id, _TUNNEL_ESTABLISHED)
         return True
 
     def refuse(self, stream_id: int, reason: RefusalReason) -> None:

@@ -1,10 +1,12 @@
-"""The DATA fast path against h2 itself.
+"""The fast path (DATA frames, and a tunnel's HEADERS and END_STREAM past h2's codec) against h2.
 
 A connection with the fast path and its twin where h2 handles every frame get the same peer bytes
 and the same calls; they must report the same events, send the same bytes and end in the same
 flow-control and stream states. Peers are bare frames (hyperframe, hpack), so the sequences cover
 what a well-behaved HBONE peer never sends: padding, END_STREAM with data, DATA on closed, reset or
-unknown streams, beyond the windows or the frame size, inside a header block, before the answer.
+unknown streams, beyond the windows or the frame size, inside a header block, before the answer,
+requests beyond the stream limit, informational answers, content-lengths; and header blocks both
+as hpack's encoder writes them (indexed, Huffman-coded: h2 decodes them) and as this side does.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ from agent.hbone import (
     HboneConnection,
     HboneServerConnection,
     HboneSettings,
+    PeerHalfClosed,
     RefusalReason,
+    TunnelRequested,
+    header_block,
 )
 from agent.hbone.connection import FRAME_HEADER
 from tests.unit.hbone.wire import CLIENT, TARGET, Wire, merged, received_bytes
@@ -53,6 +58,18 @@ STREAMS = (1, 3, 5, 7)
 
 CONNECT = [(b":method", b"CONNECT"), (b":authority", b"10.0.2.7:80"), (b"forwarded", b'for="10.0.1.5:4321"')]
 
+REQUESTS = (CONNECT, [*CONNECT, (b"content-length", b"0")], [*CONNECT, (b"content-length", b"x")])
+"""Header blocks a generated client sends: a CONNECT, one with a body length, one h2 refuses."""
+
+ANSWERS = (
+    [(b":status", b"200")],
+    [(b":status", b"100")],
+    [(b":status", b"503")],
+    [(b":status", b"200"), (b"content-length", b"0")],
+    [(b":status", b"204"), (b"x-answer", b"yes")],
+)
+"""Header blocks a generated server sends: informational, errors, a body length, another header."""
+
 
 def payload(size: int, seed: int = 0) -> bytes:
     return bytes((seed + i) % 251 for i in range(size))
@@ -65,9 +82,17 @@ class Peer:
         self._encoder = Encoder()
 
     def headers(
-        self, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool, split: bool
+        self,
+        stream_id: int,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        end_stream: bool,
+        split: bool,
+        plain: bool = False,
     ) -> bytes:
-        block = self._encoder.encode(headers)
+        """A HEADERS frame (and CONTINUATION if `split`); `plain`: the block as this side encodes
+        (no table, no Huffman), else as hpack's encoder does."""
+        block = header_block.encode(headers) if plain else self._encoder.encode(headers)
         flags = {"END_STREAM"} if end_stream else set()
         if not split:
             return HeadersFrame(stream_id, block, flags=flags | {"END_HEADERS"}).serialize()
@@ -98,7 +123,7 @@ class Twins:
     @classmethod
     def of(cls, make: Callable[[], HboneClientConnection | HboneServerConnection]) -> Twins:
         fast, reference = make(), make()
-        reference.data_fast_path = False
+        reference.fast_path = False
         twins = cls(fast, reference)
         twins.outputs()
         return twins
@@ -153,7 +178,7 @@ def describe(connection: HboneConnection) -> dict[str, object]:
 
 def test_the_fast_path_is_on_with_the_installed_h2() -> None:
     # If an h2 upgrade renames what the fast path relies on, it turns itself off: fail loudly here.
-    assert HboneConnection.data_fast_path
+    assert HboneConnection.fast_path
 
 
 def test_a_data_frames_payload_is_delivered_as_it_arrives() -> None:
@@ -168,7 +193,7 @@ def test_a_data_frames_payload_is_delivered_as_it_arrives() -> None:
 
 def test_without_the_fast_path_h2_delivers_whole_frames_only() -> None:
     wire = Wire()
-    wire.server.data_fast_path = False
+    wire.server.fast_path = False
     stream_id = wire.open()
     wire.client.send_data(stream_id, payload(10_000))
     frame = wire.client.data_to_send()
@@ -301,7 +326,14 @@ def test_settings_changing_the_window_mid_transfer() -> None:
 # Generated sequences.
 
 PEER_FRAME = st.one_of(
-    st.tuples(st.just("headers"), st.sampled_from(STREAMS), st.booleans(), st.booleans()),
+    st.tuples(
+        st.just("headers"),
+        st.sampled_from(STREAMS),
+        st.booleans(),
+        st.booleans(),
+        st.booleans(),
+        st.integers(0, len(ANSWERS) - 1),
+    ),
     st.tuples(
         st.just("data"),
         st.sampled_from((0, *STREAMS, 9)),
@@ -343,9 +375,9 @@ def peer_bytes(peer: Peer, frames: Sequence[tuple[Any, ...]], *, answers: bool) 
     out = b""
     for frame in frames:
         match frame:
-            case ("headers", stream_id, end_stream, split):
-                headers = [(b":status", b"200")] if answers else CONNECT
-                out += peer.headers(stream_id, headers, end_stream=end_stream, split=split)
+            case ("headers", stream_id, end_stream, split, plain, variant):
+                headers = ANSWERS[variant] if answers else REQUESTS[variant % len(REQUESTS)]
+                out += peer.headers(stream_id, headers, end_stream=end_stream, split=split, plain=plain)
             case ("data", stream_id, size, end_stream, pad):
                 out += data_frame(stream_id, size, end_stream=end_stream, pad=pad)
             case ("rst", stream_id, code):
@@ -442,7 +474,8 @@ def connects(peer: Peer) -> bytes:
     """The peer's CONNECTs opening the first two streams (most generated DATA frames then meet a
     stream that takes them)."""
     return b"".join(
-        peer.headers(stream_id, CONNECT, end_stream=False, split=False) for stream_id in STREAMS[:2]
+        peer.headers(stream_id, CONNECT, end_stream=False, split=False, plain=stream_id == STREAMS[1])
+        for stream_id in STREAMS[:2]
     )
 
 
@@ -511,6 +544,66 @@ def test_how_the_bytes_are_cut_changes_nothing_but_the_pieces(
     assert merged(chunked_events) == merged(whole_events)
     assert describe(chunked) == describe(whole)
     assert chunked.data_to_send() == whole.data_to_send()
+
+
+class _Refused:
+    """Stands in for an h2 entry point the fast path must not reach: fails the test if called."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"h2's {self.name} was called")
+
+
+def test_a_tunnels_headers_and_end_stream_pass_h2s_codec_by() -> None:
+    wire = Wire()
+    first = wire.open()  # a connection's first block resets the peer's table: h2 decodes it
+    for connection in (wire.client, wire.server):
+        for name in ("receive_data", "send_headers", "end_stream"):
+            setattr(connection._h2, name, _Refused(name))
+    stream_id = wire.open()
+    wire.client.send_data(stream_id, b"ping")
+    wire.server.send_data(stream_id, b"pong")
+    wire.client.end_stream(stream_id)
+    wire.server.end_stream(stream_id)
+    client_events, server_events = wire.pump()
+    assert received_bytes(server_events, stream_id) == b"ping"
+    assert received_bytes(client_events, stream_id) == b"pong"
+    assert [type(e) for e in server_events if not isinstance(e, DataReceived)] == [PeerHalfClosed]
+    assert [type(e) for e in client_events if not isinstance(e, DataReceived)] == [PeerHalfClosed]
+    assert (wire.client.open_stream_count, wire.server.open_stream_count) == (1, 1)  # `first` is open
+    assert first != stream_id
+
+
+def test_a_request_beyond_the_stream_limit_fails_as_h2_fails_it() -> None:
+    twins = Twins.of(lambda: HboneServerConnection(HboneSettings(max_concurrent_streams=1)))
+    twins.feed(PREFACE + SettingsFrame(0).serialize())
+    peer = Peer()
+    events = twins.feed(
+        b"".join(peer.headers(s, CONNECT, end_stream=False, split=False, plain=True) for s in STREAMS[:3])
+    )
+    assert [type(e) for e in events] == [TunnelRequested, ConnectionFailed]
+    twins.outputs()  # h2's GOAWAY
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        header_block.encode([(b":status", b"200")], empty_table_first=True),  # a size update
+        bytes([0x40, 1]) + b"x" + bytes([1]) + b"y",  # a literal to be indexed
+        bytes([0x00, 0x81, 0x7F, 1]) + b"y",  # a Huffman-coded name
+        bytes([0xFF, 0x7F]),  # no such table entry
+        bytes([0x00, 5]) + b"ab",  # truncated
+    ],
+)
+def test_answers_only_hpack_can_read_are_hpacks_to_read(block: bytes) -> None:
+    twins = Twins.of(lambda: HboneClientConnection(SMALL))
+    twins.feed(SettingsFrame(0).serialize())
+    twins.call(lambda c: c.open_tunnel(TARGET, CLIENT))
+    twins.outputs()
+    twins.feed(HeadersFrame(STREAMS[0], block, flags={"END_HEADERS"}).serialize())
+    twins.outputs()
 
 
 def test_large_payloads_are_handed_on_uncopied_and_small_frames_together() -> None:
