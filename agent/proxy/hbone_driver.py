@@ -583,12 +583,18 @@ class HboneClientDriver(HboneDriver):
         """Another tunnel fits: usable, not winding down, below both sides' stream limits."""
         return self.usable and not self.close_when_idle and self.hbone.can_open_stream
 
-    def open_stream(self, target: SocketAddress, forwarded_for: SocketAddress) -> HboneStreamEnd:
-        """Sends a CONNECT; the stream's `answer` resolves with the server's answer."""
+    def open_stream(
+        self, target: SocketAddress, forwarded_for: SocketAddress, early_data: bytes = b""
+    ) -> HboneStreamEnd:
+        """Sends a CONNECT, and `early_data` (the client's first bytes) right behind it in the same
+        write; the stream's `answer` resolves with the server's answer."""
         stream_id = self.hbone.open_tunnel(target, forwarded_for)
         stream = HboneStreamEnd(self, stream_id, downstream=False, answer=self._loop.create_future())
         self._track(stream)
-        self.flush()
+        if early_data:
+            stream.send(early_data)  # flushes, with the CONNECT
+        else:
+            self.flush()
         return stream
 
     def _identify_peer(self, peer_der: bytes | None) -> SpiffeId | str:

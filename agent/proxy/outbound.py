@@ -2,8 +2,9 @@
 
 - Tunnel to another node: the source workload's certificate, a pooled HBONE connection to the
   destination (pod IP, HBONE port) checked to be served by the destination's identity, one CONNECT
-  per connection naming the client; the client is held (its bytes buffered, reading paused) until
-  the 200, and reset if the tunnel is refused, reset, or cannot be established.
+  per connection naming the client, with the client's first bytes right behind it when they came
+  with the connection; the client is held (later bytes buffered, reading paused) until the 200,
+  and reset if the tunnel is refused, reset, or cannot be established.
 - Tunnel to this node: handed to the inbound side in-process (same policy, metrics and logs).
 - LoadBalanced / Passthrough: plain TCP to the chosen endpoint / the original destination, from the
   client's own IP (`IP_TRANSPARENT`) with the agent's upstream mark, as if the agent were not there.
@@ -37,6 +38,10 @@ from agent.state import (
     Tunnel,
     decide_outbound,
 )
+
+EARLY_DATA_MAX = 64 * 1024
+"""A client's first bytes beyond this wait for the tunnel's answer (they would only wait in the
+flow-control windows instead, or at the destination, before it accepts)."""
 
 
 class OutboundProxy:
@@ -78,19 +83,22 @@ class OutboundProxy:
         client_ip = ip_address(client.ip)
         original = StateAddress(ip_address(destination.ip), destination.port)
         decision = decide_outbound(snapshot, client_ip, original, pick=self._pick)
-        labels = outbound_labels(decision, snapshot, client_ip, original)
-        leg = Leg("outbound", labels, str(client), str(destination))
+
+        def leg() -> Leg:
+            labels = outbound_labels(decision, snapshot, client_ip, original)
+            return Leg("outbound", labels, str(client), str(destination))
+
         match decision:
             case Refuse():
                 flag = outbound_refusal_flag(decision.reason)
-                self._fail(downstream, leg, flag, decision.reason.value, accepted_at)
+                self._fail(downstream, leg(), flag, decision.reason.value, accepted_at)
             case Passthrough() | LoadBalanced():
-                await self._direct(downstream, client, decision.target, leg=leg, accepted_at=accepted_at)
+                await self._direct(downstream, client, decision.target, leg=leg(), accepted_at=accepted_at)
             case Tunnel():
                 target = Address(str(decision.target.ip), decision.target.port)
                 if decision.same_node:
                     await self._inbound.deliver_local(
-                        downstream, client, target, decision.source_identity, leg
+                        downstream, client, target, decision.source_identity, leg()
                     )
                 else:
                     await self._tunnel(
@@ -137,38 +145,50 @@ class OutboundProxy:
         client: SocketAddress,
         tunnel: Tunnel,
         *,
-        leg: Leg,
+        leg: Callable[[], Leg],
         accepted_at: float,
     ) -> None:
-        """HBONE to the destination pod's node, presenting the source workload's identity."""
+        """HBONE to the destination pod's node, presenting the source workload's identity.
+
+        The client's first bytes, when they came with the connection (up to `EARLY_DATA_MAX`),
+        leave with the CONNECT instead of after the answer: the destination holds them until it
+        accepts, and drops them if it refuses (the client is reset either way). A new connection's
+        first exchange then waits on one round trip between the agents fewer. The connection's
+        labels are built once the CONNECT is out, off the path of those bytes.
+        """
         credential = await self._credentials.credential(
             tunnel.source_identity, self._settings.credential_wait_s
         )
         if isinstance(credential, CredentialUnavailable):
             detail = f"no certificate for {tunnel.source_identity}: {credential.reason}"
-            self._fail(downstream, leg, ResponseFlag.UPSTREAM_FAILURE, detail, accepted_at)
+            self._fail(downstream, leg(), ResponseFlag.UPSTREAM_FAILURE, detail, accepted_at)
             return
         key = PoolKey(
             tunnel.source_identity,
             tunnel.destination_identity,
             Address(str(tunnel.gateway.ip), tunnel.gateway.port),
         )
+        early_data = downstream.take_held(EARLY_DATA_MAX)
         stream = await self._pool.open_tunnel(
             key,
             credential,
             self._credentials.trust_bundle(),
             SocketAddress(tunnel.target.ip, tunnel.target.port),
             client,
+            early_data=early_data,
         )
         if isinstance(stream, TunnelNotOpened):
             failure = stream.declined.failure if stream.declined is not None else None
-            self._fail(downstream, leg, declined_tunnel_flag(failure), stream.reason, accepted_at)
+            self._fail(downstream, leg(), declined_tunnel_flag(failure), stream.reason, accepted_at)
             return
         if downstream.lost.done():
             stream.abort()
-            self._sessions.refused([leg], ResponseFlag.DOWNSTREAM_TERMINATED, "the client left", accepted_at)
+            flag = ResponseFlag.DOWNSTREAM_TERMINATED
+            self._sessions.refused([leg()], flag, "the client left", accepted_at)
             return
-        relay = self._sessions.begin([leg])
+        relay = self._sessions.begin([leg()])
+        for counters in relay.counters:
+            counters.sent += len(early_data)
         downstream.relay = stream.relay = relay
         relay.join(downstream, stream)
 

@@ -84,14 +84,18 @@ class HbonePool:
         bundle: TrustBundle,
         target: SocketAddress,
         forwarded_for: SocketAddress,
+        *,
+        early_data: bytes = b"",
     ) -> HboneStreamEnd | TunnelNotOpened:
-        """A tunnel to `target` the server accepted (200), or why there is none."""
+        """A tunnel to `target` the server accepted (200), or why there is none. `early_data` (the
+        client's first bytes) leaves with the CONNECT, and again with the retry of a refused stream
+        (REFUSED_STREAM: the server processed nothing of it)."""
         reason = "no attempt made"
         for _ in range(_ATTEMPTS):
             driver = await self._connection(key, credential, bundle)
             if isinstance(driver, DialFailed):
                 return TunnelNotOpened(driver.reason)
-            stream = driver.open_stream(target, forwarded_for)
+            stream = driver.open_stream(target, forwarded_for, early_data)
             assert stream.answer is not None
             try:
                 async with asyncio.timeout(2 * self._settings.connect_timeout_s):

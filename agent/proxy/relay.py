@@ -238,6 +238,14 @@ class TcpEnd(asyncio.Protocol):
         if self._receiving:
             self.transport.resume_reading()
 
+    def take_held(self, limit: int) -> bytes:
+        """Hands over the bytes received before the relay joined, if there are at most `limit` of
+        them (else none: they stay held, for the relay)."""
+        if len(self._held) > limit:
+            return b""
+        held, self._held = bytes(self._held), bytearray()
+        return held
+
     def abort(self) -> None:
         """Closes with a TCP RST so the peer sees a reset, not a clean end of stream."""
         if self.transport is None or self.lost.done():

@@ -5,6 +5,12 @@ an `outbound` log line) and/or the destination's (reporter `destination`, `inbou
 tunnel has one leg on each node; a same-node tunnel has both legs in this process. Refusals count
 as failed connections with a response flag and get a log line too. Inbound sessions remember what
 they were authorized as, so a snapshot with new policies can close those it now denies.
+
+A finished connection is reported (closed counters, byte totals, its access-log line with the
+duration at its end) a moment later, with the others that finished meanwhile (`REPORT_DELAY_S`):
+a connection ends while the next one from the same client is being set up (its FIN and END_STREAMs
+cross that connection's CONNECT), and the report, the largest part of a connection's teardown,
+would otherwise run on that connection's path.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from agent.proxy.relay import Relay, RelayOutcome
 from agent.state import Deny, InboundConnection, Snapshot, Workload, authorize
 
 log = logging.getLogger(__name__)
+
+REPORT_DELAY_S = 0.002
+"""How long a finished connection's report waits at most (see the module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,9 @@ class Sessions:
         self._access_log = access_log
         self._live: set[Session] = set()
         self._idle: asyncio.Event | None = None
+        self._unreported: list[tuple[Session, RelayOutcome, float]] = []
+        """Finished sessions, their outcomes and end times, waiting for `report_finished`."""
+        self._report_timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._live)
@@ -131,14 +143,30 @@ class Sessions:
             self._idle = None
         return True
 
+    def report_finished(self) -> None:
+        """Reports the finished sessions not reported yet (the data plane's last act calls it)."""
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
+        unreported, self._unreported = self._unreported, []
+        for session, outcome, ended in unreported:
+            for leg, tracked in zip(session.legs, session.tracked, strict=True):
+                self._metrics.tcp.closed(tracked)
+                record = AccessRecord.of(
+                    tracked,
+                    leg.direction,
+                    leg.source_address,
+                    leg.destination_address,
+                    error=outcome.error,
+                    now=ended,
+                )
+                self._access_log.write(record)
+
     def _finished(self, session: Session, outcome: RelayOutcome) -> None:
         self._live.discard(session)
-        for leg, tracked in zip(session.legs, session.tracked, strict=True):
-            self._metrics.tcp.closed(tracked)
-            self._access_log.write(
-                AccessRecord.of(
-                    tracked, leg.direction, leg.source_address, leg.destination_address, error=outcome.error
-                )
-            )
+        self._unreported.append((session, outcome, time.monotonic()))
+        if self._report_timer is None:
+            loop = asyncio.get_running_loop()
+            self._report_timer = loop.call_later(REPORT_DELAY_S, self.report_finished)
         if not self._live and self._idle is not None:
             self._idle.set()

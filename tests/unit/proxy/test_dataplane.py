@@ -305,7 +305,9 @@ async def test_policy_update_closes_open_connections_it_denies() -> None:
             async with asyncio.timeout(WAIT_S):
                 await reader.read()
         writer.close()
-        await eventually(lambda: "closed by a policy update" in mesh.b.access.lines[-1:][0].get("error", ""))
+        await eventually(
+            lambda: any("closed by a policy update" in line.get("error", "") for line in mesh.b.access.lines)
+        )
 
 
 async def test_forwarded_client_ip_of_another_identity_is_not_spoofed() -> None:
@@ -514,6 +516,9 @@ async def test_drain_lets_open_connections_finish_and_refuses_new_ones() -> None
             await drain
         assert not mesh.b.plane.listening
         assert echo.accepted == 1
+        # The data plane's last act reports what finished, without waiting for the report delay.
+        assert mesh.b.count("istio_tcp_connections_closed_total") == 1
+        assert [line["direction"] for line in mesh.b.access.lines] == ["inbound"]
 
 
 async def test_drain_deadline_resets_connections_still_open() -> None:

@@ -201,3 +201,30 @@ async def test_a_connect_given_up_on_closes_its_socket() -> None:
     finally:
         queued.close()
         listener.close()
+
+
+async def test_held_bytes_are_handed_over_within_a_limit_and_kept_beyond_it() -> None:
+    loop = asyncio.get_running_loop()
+    ends: list[TcpEnd] = []
+
+    def accept() -> TcpEnd:
+        ends.append(TcpEnd(downstream=True))
+        return ends[-1]
+
+    listener = await loop.create_server(accept, "127.0.0.1", 0)
+    try:
+        for count, (limit, handed) in enumerate(((5, b"hello"), (4, b"")), 1):
+            _, writer = await asyncio.open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
+            writer.write(b"hello")
+            async with asyncio.timeout(5):
+                while len(ends) < count or ends[-1].transport is None:
+                    await asyncio.sleep(0.001)
+                transport = ends[-1].transport
+                transport.resume_reading()  # asyncio's loop keeps the pause of connection_made
+                while len(ends[-1]._held) < 5:
+                    await asyncio.sleep(0.001)
+            assert ends[-1].take_held(limit) == handed
+            assert bytes(ends[-1]._held) == b"hello"[len(handed) :]
+            writer.close()
+    finally:
+        listener.close()

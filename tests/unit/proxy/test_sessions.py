@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from agent.observability.metrics import AgentMetrics, PeerLabels, TcpLabels
 from agent.proxy.labels import ResponseFlag
-from agent.proxy.sessions import Leg, Sessions
+from agent.proxy.sessions import REPORT_DELAY_S, Leg, Sessions
 from tests.unit.proxy.mesh import recorded_access_log
 
 CLIENT = PeerLabels(workload="sleep", namespace="shop", principal="spiffe://cluster.local/ns/shop/sa/sleep")
@@ -51,3 +52,47 @@ def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_reason()
     ]
     assert all(line["src.identity"] == CLIENT.principal for line in access.lines)
     assert len(sessions) == 0  # nothing was opened
+
+
+def closed_count(metrics: AgentMetrics) -> float:
+    return sum(
+        sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "istio_tcp_connections_closed_total"
+    )
+
+
+async def test_finished_connections_are_reported_together_a_moment_later_with_their_end_time() -> None:
+    metrics = AgentMetrics()
+    access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
+    sessions = Sessions(metrics, access_log)
+    labels = TcpLabels("source", CLIENT, SERVER, security_policy="mutual_tls")
+    legs = [Leg("outbound", labels, f"10.1.0.2:{port}", "10.2.0.5:8080") for port in (1, 2)]
+    relays = [sessions.begin([leg]) for leg in legs]
+    for relay in relays:
+        relay.closed(downstream=True, error="client left")
+    ended = time.monotonic()
+    assert len(sessions) == 0  # a drain waiting on them is released at once
+    assert (closed_count(metrics), access.lines) == (0, [])
+
+    await asyncio.sleep(REPORT_DELAY_S * 5)
+    assert closed_count(metrics) == 2
+    assert [line["src.addr"] for line in access.lines] == ["10.1.0.2:1", "10.1.0.2:2"]
+    assert all(line["error"] == "client left" for line in access.lines)
+    # The duration ends when the connection did, not when the line is written.
+    for line, relay in zip(access.lines, relays, strict=True):
+        assert line["duration_ms"] <= (ended - relay.counters[0].started) * 1000
+
+
+async def test_the_last_reports_go_out_at_once_when_asked() -> None:
+    metrics = AgentMetrics()
+    access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
+    sessions = Sessions(metrics, access_log)
+    labels = TcpLabels("source", CLIENT, SERVER)
+    sessions.begin([Leg("outbound", labels, "10.1.0.2:1", "10.2.0.5:8080")]).closed(downstream=True)
+    sessions.report_finished()
+    assert closed_count(metrics) == 1
+    assert len(access.lines) == 1
+    await asyncio.sleep(REPORT_DELAY_S * 5)
+    assert len(access.lines) == 1  # reported once
