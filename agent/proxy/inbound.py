@@ -29,7 +29,6 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import ip_address
 
 from agent.hbone import MalformedTunnelRequest, RefusalReason, TunnelRequested
 from agent.identity.spiffe import SpiffeId
@@ -143,7 +142,7 @@ class InboundProxy:
 
     async def _served_identity(self, local: Address) -> tuple[SpiffeId, ssl.SSLContext] | _NotServed:
         snapshot = self._snapshot()
-        workload = self._local_workload(snapshot, ip_address(local.ip))
+        workload = self._local_workload(snapshot, local.ip_address)
         if workload is None:
             detail = f"{local.ip} is not an enrolled workload on this node"
             return _NotServed(None, "", ResponseFlag.NO_HEALTHY_UPSTREAM, detail)
@@ -175,7 +174,7 @@ class InboundProxy:
         claimed = snapshot.workload(client.ip) if client is not None else None
         # Only a workload's own identity may speak for its IP (see the module docstring).
         source = claimed if claimed is not None and claimed.spiffe_id(trust_domain) == peer_identity else None
-        source_ip = client.ip if source is not None and client is not None else ip_address(peer.ip)
+        source_ip = client.ip if source is not None and client is not None else peer.ip_address
         target = Address(str(request.target.ip), request.target.port)
         destination = self._local_workload(snapshot, request.target.ip)
         destination_identity = destination.spiffe_id(trust_domain) if destination is not None else ""
@@ -249,7 +248,7 @@ class InboundProxy:
         (its data is held, reading paused, until the relay joins)."""
         accepted_at = time.monotonic()
         snapshot = self._snapshot()
-        client_ip, local_ip = ip_address(client.ip), ip_address(local.ip)
+        client_ip, local_ip = client.ip_address, local.ip_address
         destination = self._local_workload(snapshot, local_ip)
         destination_identity = (
             destination.spiffe_id(snapshot.mesh.trust_domain) if destination is not None else ""
@@ -293,7 +292,7 @@ class InboundProxy:
         `outbound` is the source side's leg, reported along with the destination side's."""
         accepted_at = time.monotonic()
         snapshot = self._snapshot()
-        target_ip = ip_address(target.ip)
+        target_ip = target.ip_address
         inbound = Leg(
             "inbound", same_node_inbound_labels(outbound.labels), outbound.source_address, str(target)
         )
@@ -304,7 +303,7 @@ class InboundProxy:
             detail = f"{target.ip} is not an enrolled workload on this node"
             self._sessions.refused(legs, ResponseFlag.NO_HEALTHY_UPSTREAM, detail, accepted_at)
             return
-        client_ip = ip_address(client.ip)
+        client_ip = client.ip_address
         connection = InboundConnection(
             source_ip=client_ip,
             destination_ip=target_ip,

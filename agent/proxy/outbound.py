@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from ipaddress import ip_address
 from typing import assert_never
 
 from agent.hbone import SocketAddress
@@ -80,8 +79,8 @@ class OutboundProxy:
         self, downstream: TcpEnd, client: Address, destination: Address, accepted_at: float
     ) -> None:
         snapshot = self._snapshot()
-        client_ip = ip_address(client.ip)
-        original = StateAddress(ip_address(destination.ip), destination.port)
+        client_ip = client.ip_address
+        original = StateAddress(destination.ip_address, destination.port)
         decision = decide_outbound(snapshot, client_ip, original, pick=self._pick)
 
         def leg() -> Leg:

@@ -9,6 +9,7 @@ to a local pod binds `IP_TRANSPARENT` to the client's IP so the application sees
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
 import struct
@@ -41,6 +42,12 @@ class Address:
     def family(self) -> socket.AddressFamily:
         return socket.AF_INET6 if ":" in self.ip else socket.AF_INET
 
+    @property
+    def ip_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """`ip` parsed (remembered: a node's connections name the same few pod IPs over and over,
+        and `ipaddress` parses in Python, ~5-10 us per address)."""
+        return _parse_ip(self.ip)
+
     def __str__(self) -> str:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
@@ -55,6 +62,11 @@ class Address:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return cls(str(ip), port)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
 
 
 def _set_transparent(sock: socket.socket, family: socket.AddressFamily) -> None:

@@ -457,6 +457,23 @@ async def test_pool_shares_a_connection_up_to_the_stream_limit_then_opens_anothe
             assert await finish(streams, b"done") == b"done"
 
 
+async def test_a_tunnel_the_server_refused_unprocessed_is_retried_on_another_connection() -> None:
+    async with running_mesh() as mesh:
+        echo = mesh.pods["echo"]
+        assert await finish(await mesh.connect(echo.address), b"first") != b""  # a pooled connection
+        [served] = mesh.b.plane.inbound.connections
+        # Its GOAWAY is queued, not sent: the next CONNECT still takes this connection, is refused
+        # with REFUSED_STREAM (never processed), and the client's bytes must reach the pod anyway.
+        served.hbone.start_drain()
+        greeting, echoed = await exchange(await mesh.connect(echo.address), b"second, retried")
+        assert echoed == b"second, retried"
+        assert peer_ip(greeting) == SLEEP_IP
+        await eventually(lambda: served not in mesh.b.plane.inbound.connections)
+        assert echo.accepted == 2
+        await eventually(lambda: mesh.a.count("istio_tcp_connections_closed_total") == 2)
+        assert mesh.a.count("istio_tcp_sent_bytes_total") == len(b"first") + len(b"second, retried")
+
+
 async def test_two_hundred_concurrent_connections_complete() -> None:
     async with running_mesh() as mesh:
         echo = mesh.pods["echo"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
@@ -64,3 +65,9 @@ def test_upstream_socket_binds_transparently_to_the_source_ip() -> None:
         assert sock.getsockname()[0] == "192.0.2.1"
     finally:
         sock.close()
+
+
+def test_an_address_parses_its_ip_once() -> None:
+    assert Address("10.1.0.5", 80).ip_address == ipaddress.IPv4Address("10.1.0.5")
+    assert Address("fd00::5", 80).ip_address == ipaddress.IPv6Address("fd00::5")
+    assert Address("10.1.0.5", 81).ip_address is Address("10.1.0.5", 80).ip_address
