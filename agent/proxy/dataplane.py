@@ -238,7 +238,7 @@ class DataPlane:
         await self._tasks.cancel()
         self._pool.abort("the data plane stopped")
         self.inbound.abort("the data plane stopped")
-        self._sessions.report_finished()
+        self._sessions.report_pending()
 
     def config_dump(self) -> dict[str, object]:
         """What the data plane runs on, JSON-ready: settings, snapshot, certificates in use, pools."""

@@ -6,11 +6,11 @@ tunnel has one leg on each node; a same-node tunnel has both legs in this proces
 as failed connections with a response flag and get a log line too. Inbound sessions remember what
 they were authorized as, so a snapshot with new policies can close those it now denies.
 
-A finished connection is reported (closed counters, byte totals, its access-log line with the
-duration at its end) a moment later, with the others that finished meanwhile (`REPORT_DELAY_S`):
-a connection ends while the next one from the same client is being set up (its FIN and END_STREAMs
-cross that connection's CONNECT), and the report, the largest part of a connection's teardown,
-would otherwise run on that connection's path.
+A connection is reported (closed or failed counters, its access-log line with the duration at its
+end) a moment later, in order with the others that ended meanwhile (`REPORT_DELAY_S`): a connection
+ends while the next one from the same client is being set up (its FIN and END_STREAMs cross that
+connection's CONNECT), and the report, the largest part of a connection's teardown, would otherwise
+run on that connection's path.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import assert_never
 
 from agent.observability.accesslog import AccessLog, AccessRecord, Direction
 from agent.observability.metrics import AgentMetrics, TcpLabels, TrackedConnection
@@ -53,6 +54,21 @@ class InboundAuthorization:
     connection: InboundConnection
 
 
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    session: Session
+    outcome: RelayOutcome
+    ended_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    legs: Sequence[Leg]
+    flag: ResponseFlag
+    error: str
+    duration_s: float
+
+
 @dataclass(eq=False)
 class Session:
     """One live relayed connection."""
@@ -71,8 +87,8 @@ class Sessions:
         self._access_log = access_log
         self._live: set[Session] = set()
         self._idle: asyncio.Event | None = None
-        self._unreported: list[tuple[Session, RelayOutcome, float]] = []
-        """Finished sessions, their outcomes and end times, waiting for `report_finished`."""
+        self._unreported: list[_Finished | _Refused] = []
+        """Connections that ended, in order, waiting for `report_pending`."""
         self._report_timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
@@ -89,23 +105,7 @@ class Sessions:
 
     def refused(self, legs: Sequence[Leg], flag: ResponseFlag, error: str, accepted_at: float) -> None:
         """Counts a connection that could not be opened, and logs why."""
-        duration = max(0.0, time.monotonic() - accepted_at)
-        for leg in legs:
-            labels = failed_labels(leg.labels, flag)
-            self._metrics.tcp.failed(labels)
-            self._access_log.write(
-                AccessRecord(
-                    direction=leg.direction,
-                    source_address=leg.source_address,
-                    destination_address=leg.destination_address,
-                    source=labels.source,
-                    destination=labels.destination,
-                    bytes_sent=0,
-                    bytes_received=0,
-                    duration_s=duration,
-                    error=error,
-                )
-            )
+        self._report_later(_Refused(legs, flag, error, max(0.0, time.monotonic() - accepted_at)))
 
     def recheck(self, snapshot: Snapshot) -> int:
         """Closes the inbound sessions that `snapshot`'s policies deny; returns how many."""
@@ -143,30 +143,62 @@ class Sessions:
             self._idle = None
         return True
 
-    def report_finished(self) -> None:
-        """Reports the finished sessions not reported yet (the data plane's last act calls it)."""
+    def report_pending(self) -> None:
+        """Reports the connections that ended and were not reported yet (the data plane's last act
+        calls it)."""
         if self._report_timer is not None:
             self._report_timer.cancel()
             self._report_timer = None
         unreported, self._unreported = self._unreported, []
-        for session, outcome, ended in unreported:
-            for leg, tracked in zip(session.legs, session.tracked, strict=True):
-                self._metrics.tcp.closed(tracked)
-                record = AccessRecord.of(
-                    tracked,
-                    leg.direction,
-                    leg.source_address,
-                    leg.destination_address,
-                    error=outcome.error,
-                    now=ended,
-                )
-                self._access_log.write(record)
+        for report in unreported:
+            match report:
+                case _Finished():
+                    self._report_finished(report)
+                case _Refused():
+                    self._report_refused(report)
+                case _:
+                    assert_never(report)
 
     def _finished(self, session: Session, outcome: RelayOutcome) -> None:
         self._live.discard(session)
-        self._unreported.append((session, outcome, time.monotonic()))
-        if self._report_timer is None:
-            loop = asyncio.get_running_loop()
-            self._report_timer = loop.call_later(REPORT_DELAY_S, self.report_finished)
+        self._report_later(_Finished(session, outcome, time.monotonic()))
         if not self._live and self._idle is not None:
             self._idle.set()
+
+    def _report_later(self, report: _Finished | _Refused) -> None:
+        self._unreported.append(report)
+        if self._report_timer is None:
+            loop = asyncio.get_running_loop()
+            self._report_timer = loop.call_later(REPORT_DELAY_S, self.report_pending)
+
+    def _report_finished(self, report: _Finished) -> None:
+        session = report.session
+        for leg, tracked in zip(session.legs, session.tracked, strict=True):
+            self._metrics.tcp.closed(tracked)
+            record = AccessRecord.of(
+                tracked,
+                leg.direction,
+                leg.source_address,
+                leg.destination_address,
+                error=report.outcome.error,
+                now=report.ended_at,
+            )
+            self._access_log.write(record)
+
+    def _report_refused(self, report: _Refused) -> None:
+        for leg in report.legs:
+            labels = failed_labels(leg.labels, report.flag)
+            self._metrics.tcp.failed(labels)
+            self._access_log.write(
+                AccessRecord(
+                    direction=leg.direction,
+                    source_address=leg.source_address,
+                    destination_address=leg.destination_address,
+                    source=labels.source,
+                    destination=labels.destination,
+                    bytes_sent=0,
+                    bytes_received=0,
+                    duration_s=report.duration_s,
+                    error=report.error,
+                )
+            )

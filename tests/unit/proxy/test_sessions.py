@@ -23,7 +23,7 @@ def failed_samples(metrics: AgentMetrics) -> list[tuple[dict[str, str], float]]:
     ]
 
 
-def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_reason() -> None:
+async def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_reason() -> None:
     metrics = AgentMetrics()
     access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
     sessions = Sessions(metrics, access_log)
@@ -39,6 +39,8 @@ def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_reason()
     ]
 
     sessions.refused(legs, ResponseFlag.DENIED, "denied by policy deny-sleep", time.monotonic())
+    assert failed_samples(metrics) == []  # reported a moment later
+    sessions.report_pending()
 
     counted = failed_samples(metrics)
     assert sorted((sample["reporter"], sample["response_flags"], value) for sample, value in counted) == [
@@ -91,8 +93,20 @@ async def test_the_last_reports_go_out_at_once_when_asked() -> None:
     sessions = Sessions(metrics, access_log)
     labels = TcpLabels("source", CLIENT, SERVER)
     sessions.begin([Leg("outbound", labels, "10.1.0.2:1", "10.2.0.5:8080")]).closed(downstream=True)
-    sessions.report_finished()
+    sessions.report_pending()
     assert closed_count(metrics) == 1
     assert len(access.lines) == 1
     await asyncio.sleep(REPORT_DELAY_S * 5)
     assert len(access.lines) == 1  # reported once
+
+
+async def test_reports_keep_the_order_in_which_connections_ended() -> None:
+    metrics = AgentMetrics()
+    access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
+    sessions = Sessions(metrics, access_log)
+    labels = TcpLabels("destination", CLIENT, SERVER)
+    relay = sessions.begin([Leg("inbound", labels, "10.1.0.2:1", "10.2.0.5:8080")])
+    relay.closed(downstream=True)
+    sessions.refused([Leg("inbound", labels, "10.1.0.2:2", "10.2.0.5:8080")], ResponseFlag.DENIED, "no", 0.0)
+    await asyncio.sleep(REPORT_DELAY_S * 5)
+    assert [line["src.addr"] for line in access.lines] == ["10.1.0.2:1", "10.1.0.2:2"]
