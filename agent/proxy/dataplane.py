@@ -195,7 +195,10 @@ class DataPlane:
         )
 
     def _captured(self, kind: ListenerKind, downstream: TcpEnd) -> None:
-        """Serves a connection a capture listener accepted (called as its transport comes up)."""
+        """Serves a connection a capture listener accepted (called as its transport comes up).
+
+        Both event loops set `TCP_NODELAY` on the connections their servers accept (unlike on a
+        socket from `sock_accept`, see `disable_nagle`)."""
         transport = downstream.transport
         assert transport is not None
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
@@ -203,8 +206,6 @@ class DataPlane:
             downstream.abort()
             return
         client, destination = Address.of(peer), Address.of(local)
-        if (sock := transport.get_extra_info("socket")) is not None:
-            disable_nagle(sock)
         self._tasks.spawn(
             self._serve_captured(kind, downstream, client, destination),
             name=f"{kind} {client} -> {destination}",

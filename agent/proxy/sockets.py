@@ -126,9 +126,10 @@ def upstream_socket(destination: Address, *, mark: int, source: Address | None =
 
 
 def disable_nagle(sock: socket.socket) -> None:
-    """Sets `TCP_NODELAY` on an accepted socket: a relay writes what it has at once, and small
-    writes must not wait for the peer's delayed ACK (~40 ms). uvloop sets it on the sockets it
-    wraps; asyncio's own loop only on sockets whose `proto` says TCP, which accepted ones do not."""
+    """Sets `TCP_NODELAY` on a socket from `sock_accept`: a relay writes what it has at once, and
+    small writes must not wait for the peer's delayed ACK (~40 ms). uvloop sets it on the sockets it
+    wraps, and both loops on those their servers accept; asyncio's own loop does not on a socket
+    handed to `connect_accepted_socket`."""
     # The client may have reset the connection already; serving it will notice.
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

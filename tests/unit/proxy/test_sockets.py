@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import socket
 
 import pytest
 
-from agent.proxy.sockets import Address, original_destination, transparent_listener, upstream_socket
+from agent.proxy.sockets import (
+    Address,
+    disable_nagle,
+    original_destination,
+    transparent_listener,
+    upstream_socket,
+)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="IP_TRANSPARENT and SO_MARK need root")
 
@@ -71,3 +78,32 @@ def test_an_address_parses_its_ip_once() -> None:
     assert Address("10.1.0.5", 80).ip_address == ipaddress.IPv4Address("10.1.0.5")
     assert Address("fd00::5", 80).ip_address == ipaddress.IPv6Address("fd00::5")
     assert Address("10.1.0.5", 81).ip_address is Address("10.1.0.5", 80).ip_address
+
+
+async def test_the_loops_servers_accept_connections_without_nagle_and_sock_accept_needs_it_set() -> None:
+    # The capture listeners rely on the first (no setsockopt per connection); the HBONE listener,
+    # which takes its sockets with sock_accept, sets it itself (`disable_nagle`).
+    loop = asyncio.get_running_loop()
+    accepted: list[asyncio.BaseTransport] = []
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.append(transport)
+
+    server = await loop.create_server(Keep, "127.0.0.1", 0)
+    with socket.create_connection(server.sockets[0].getsockname()):
+        async with asyncio.timeout(5):
+            while not accepted:
+                await asyncio.sleep(0.001)
+        sock = accepted[0].get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        accepted[0].close()
+    server.close()
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    with listener, socket.create_connection(listener.getsockname()):
+        raw, _ = await loop.sock_accept(listener)
+        disable_nagle(raw)
+        assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        raw.close()
