@@ -72,6 +72,10 @@ CommonEvent = DataReceived | ConnectionEvent
 Emit = Callable[[CommonEvent], None]
 """Where a handler appends the events it produces (the `append` of the caller's event list)."""
 
+DataSink = Callable[[bytes, int], None]
+"""Takes one stream's received tunnel bytes in place of `DataReceived` events: `(data,
+flow_controlled_length)`, the same two values, in the same order (see `HboneConnection.deliver_to`)."""
+
 H2Handler = Callable[[Any, Any], None]
 """Turns one h2 event into this side's events: `(event, emit)`."""
 
@@ -266,6 +270,8 @@ class HboneConnection:
         if settings.connection_window > HTTP2_MIN_WINDOW:
             self._h2.increment_flow_control_window(settings.connection_window - HTTP2_MIN_WINDOW)
         self._streams: dict[int, _Stream] = {}
+        self._sinks: dict[int, DataSink] = {}
+        """Streams whose bytes go to a sink instead of `DataReceived` events (`deliver_to`)."""
         self._blocked: dict[int, None] = {}
         """Streams holding back bytes, oldest first (an ordered set)."""
         self._acknowledge_stream_batch = settings.stream_window // _ACKNOWLEDGE_BATCH
@@ -412,6 +418,21 @@ class HboneConnection:
             for tracked_id, tracked in self._streams.items():
                 self._report_acknowledged(tracked_id, tracked)
 
+    def deliver_to(self, stream_id: int, sink: DataSink | None) -> None:
+        """Hands the bytes received on `stream_id` from now on to `sink` as they are parsed, in
+        place of `DataReceived` events (None: events again); ignored for a stream that is not open.
+
+        The receiving end of a tunnel relays each piece as it comes, and an event per piece costs
+        an object, a list and a dispatch on the path of every byte. The sink sees exactly what the
+        events would carry, in order, and owes the same `acknowledge_received_data`; the stream's
+        other events (its end, a reset) still come as events, after the bytes that preceded them.
+        The sink is dropped when the stream finishes or is reset. It must not call `receive_data`.
+        """
+        if sink is None:
+            self._sinks.pop(stream_id, None)
+        elif stream_id in self._streams:
+            self._sinks[stream_id] = sink
+
     def ping(self, payload: bytes) -> None:
         """Sends a keepalive PING with 8 bytes of `payload`; the answer is `PingAcknowledged`."""
         self._h2.ping(payload)
@@ -541,7 +562,10 @@ class HboneConnection:
         size = len(payload)
         if stream_id in self._streams:
             self._unacknowledged[stream_id] = self._unacknowledged.get(stream_id, 0) + size
-            emit(DataReceived(stream_id, payload.tobytes(), size))
+            if (sink := self._sinks.get(stream_id)) is not None:
+                sink(payload.tobytes(), size)
+            else:
+                emit(DataReceived(stream_id, payload.tobytes(), size))
         else:
             self._h2.acknowledge_received_data(size, stream_id)
 
@@ -630,6 +654,7 @@ class HboneConnection:
         if self._h2.state_machine.state is not ConnectionState.CLOSED:
             self._h2.close_connection(error_code)
         self._streams.clear()
+        self._sinks.clear()
         self._blocked.clear()
         self._unacknowledged.clear()
         self._acknowledged_total = 0
@@ -657,7 +682,10 @@ class HboneConnection:
                 self._h2.acknowledge_received_data(length, stream_id)
             return
         self._unacknowledged[stream_id] = self._unacknowledged.get(stream_id, 0) + length
-        emit(DataReceived(stream_id, event.data, length))
+        if (sink := self._sinks.get(stream_id)) is not None:
+            sink(event.data, length)
+        else:
+            emit(DataReceived(stream_id, event.data, length))
 
     def _on_stream_ended(self, event: h2e.StreamEnded, emit: Emit) -> None:
         stream = self._streams.get(event.stream_id)
@@ -849,11 +877,13 @@ class HboneConnection:
     def _forget_if_finished(self, stream_id: int, stream: _Stream) -> None:
         if stream.remote_ended and stream.end_requested and stream.pending is None:
             del self._streams[stream_id]
+            self._sinks.pop(stream_id, None)
             self._report_acknowledged(stream_id, stream)
 
     def _forget(self, stream_id: int) -> None:
         """Drops a stream that ended abnormally, releasing what it held and owed."""
         self._report_acknowledged(stream_id, self._streams.pop(stream_id))
+        self._sinks.pop(stream_id, None)
         self._blocked.pop(stream_id, None)
         self._release_unacknowledged(stream_id)
 

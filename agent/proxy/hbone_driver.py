@@ -3,10 +3,11 @@
 One module for both sides. `HboneDriver` is the asyncio Protocol of one mutual-TLS connection: it
 checks the handshake (ALPN `h2`, the peer's SPIFFE identity) before any HTTP/2 byte leaves, feeds
 received bytes to the HBONE connection, writes what it has to send, dispatches every event
-exhaustively, keeps the connection alive with PINGs, and fails every tunnel when the connection is
-lost. It is a BufferedProtocol: TLS decrypts straight into one read buffer that every connection
-shares (the HBONE connection copies whatever it keeps, and events are handled before the next read),
-instead of a new bytes object per TLS record.
+exhaustively (a tracked stream takes its bytes itself, as they are parsed: `deliver_to`), keeps the
+connection alive with PINGs, and fails every tunnel when the connection is lost. It is a
+BufferedProtocol: TLS decrypts straight into one read buffer that every connection shares (the
+HBONE connection copies whatever it keeps, and events are handled before the next read), instead of
+a new bytes object per TLS record.
 
 `HboneStreamEnd` is one CONNECT stream as a `RelayEnd`, so a `Relay` joins it to a `TcpEnd`:
 
@@ -189,7 +190,7 @@ class HboneStreamEnd:
         self.driver.forget(self)
         self.driver.flush()
 
-    # Events from the driver.
+    # From the connection (bytes, see `HboneDriver._track`) and the driver (events).
 
     def data_received(self, data: bytes, flow_controlled_length: int) -> None:
         if self._receiving and self.relay is not None:
@@ -365,6 +366,7 @@ class HboneDriver(asyncio.BufferedProtocol, ABC):
 
     def forget(self, stream: HboneStreamEnd) -> None:
         """A stream ended; the connection may now be idle."""
+        self.connection.deliver_to(stream.stream_id, None)
         if self.streams.pop(stream.stream_id, None) is not None and not self.streams:
             if self.close_when_idle:
                 self.close()
@@ -386,6 +388,8 @@ class HboneDriver(asyncio.BufferedProtocol, ABC):
 
     def _track(self, stream: HboneStreamEnd) -> None:
         self.streams[stream.stream_id] = stream
+        # Its bytes go straight to it as they are parsed: no event and dispatch per piece.
+        self.connection.deliver_to(stream.stream_id, stream.data_received)
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
@@ -393,6 +397,8 @@ class HboneDriver(asyncio.BufferedProtocol, ABC):
     # Shared event handling.
 
     def _on_data(self, event: DataReceived) -> None:
+        # Bytes that came before the stream was tracked (a CONNECT's early bytes, in its read) or
+        # after it ended here; a tracked stream takes its bytes itself (`_track`).
         stream = self.streams.get(event.stream_id)
         if stream is None:
             # The stream ended on this side meanwhile; nobody will consume these bytes.

@@ -172,6 +172,7 @@ def describe(connection: HboneConnection) -> dict[str, object]:
             for stream_id, stream in h2.streams.items()
         },
         "held_back": {stream_id: connection.outbound_buffered(stream_id) for stream_id in STREAMS},
+        "owed": dict(connection._unacknowledged),
         "pending": bytes(connection._partial),
     }
 
@@ -644,3 +645,70 @@ def test_a_payload_split_into_frames_is_handed_on_as_views_of_it() -> None:
     assert all(view.obj is large for view in views)
     events = wire.client.receive_data(b"".join(parts))
     assert received_bytes(events, stream_id) == large
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(PEER_FRAME, min_size=1, max_size=12))
+def test_a_sink_takes_exactly_the_bytes_the_events_would_carry(frames: list[tuple[Any, ...]]) -> None:
+    peer = Peer()
+    opening = PREFACE + SettingsFrame(0).serialize() + connects(peer)
+    rest = peer_bytes(peer, frames, answers=False)
+    sinked, reference = HboneServerConnection(SMALL), HboneServerConnection(SMALL)
+    sinked.receive_data(opening)
+    reference.receive_data(opening)
+    taken: dict[int, list[tuple[bytes, int]]] = {}
+    for stream_id in STREAMS[:2]:
+        sinked.deliver_to(
+            stream_id, lambda data, length, s=stream_id: taken.setdefault(s, []).append((data, length))
+        )
+
+    sinked_events = sinked.receive_data(rest)
+    reference_events = reference.receive_data(rest)
+
+    def bytes_of(stream_id: int) -> tuple[bytes, int]:
+        pieces = [
+            (e.data, e.flow_controlled_length)
+            for e in reference_events
+            if isinstance(e, DataReceived) and e.stream_id == stream_id
+        ]
+        return b"".join(p for p, _ in pieces), sum(n for _, n in pieces)
+
+    for stream_id in STREAMS[:2]:
+        pieces = taken.get(stream_id, [])
+        assert (b"".join(p for p, _ in pieces), sum(n for _, n in pieces)) == bytes_of(stream_id)
+    assert [
+        e for e in sinked_events if not isinstance(e, DataReceived) or e.stream_id not in STREAMS[:2]
+    ] == [e for e in reference_events if not isinstance(e, DataReceived) or e.stream_id not in STREAMS[:2]]
+    assert describe(sinked) == describe(reference)
+    for stream_id, pieces in taken.items():  # acknowledged as the events' lengths would be
+        for _, length in pieces:
+            sinked.acknowledge_received_data(stream_id, length)
+            reference.acknowledge_received_data(stream_id, length)
+    assert sinked.data_to_send() == reference.data_to_send()
+    assert describe(sinked) == describe(reference)
+
+
+def test_a_sink_serves_its_stream_until_it_ends_and_none_brings_events_back() -> None:
+    wire = Wire()
+    stream_id = wire.open()
+    taken: list[bytes] = []
+    wire.server.deliver_to(stream_id, lambda data, length: taken.append(data))
+    wire.client.send_data(stream_id, b"to the sink")
+    _, server_events = wire.pump()
+    assert (taken, server_events) == ([b"to the sink"], [])
+
+    wire.server.deliver_to(stream_id, None)
+    wire.client.send_data(stream_id, b"as an event")
+    _, server_events = wire.pump()
+    assert received_bytes(server_events, stream_id) == b"as an event"
+
+    wire.server.deliver_to(stream_id, lambda data, length: taken.append(data))
+    wire.client.send_data(stream_id, b"last")
+    wire.client.end_stream(stream_id)
+    _, server_events = wire.pump()
+    assert taken[-1] == b"last"
+    assert server_events == [PeerHalfClosed(stream_id)]  # the end comes after the bytes, as an event
+    wire.server.reset_stream(stream_id)
+    wire.pump()
+    wire.server.deliver_to(stream_id, lambda data, length: taken.append(data))  # gone: ignored
+    assert stream_id not in wire.server._sinks
