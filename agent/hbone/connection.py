@@ -533,17 +533,8 @@ class HboneConnection:
         both receive windows as h2 would; False leaves the frame to h2 (and its errors)."""
         if not self.fast_path or flags & (_END_STREAM | _PADDED) or self._in_header_block:
             return False
-        tracked = self._streams.get(stream_id)
-        if tracked is None:
-            return False
-        stream = tracked.h2_stream
-        machine = stream.state_machine
-        state = machine.state
-        if (
-            (state is not _OPEN and state is not _HALF_CLOSED_LOCAL)
-            or not machine.headers_received
-            or stream._expected_content_length is not None
-        ):
+        stream = self._receiving_data_as_is(stream_id)
+        if stream is None:
             return False
         connection_window = self._h2._inbound_flow_control_window_manager
         stream_window = stream._inbound_window_manager
@@ -555,6 +546,23 @@ class HboneConnection:
         self._payload_stream = stream_id
         self._payload_left = length
         return True
+
+    def _receiving_data_as_is(self, stream_id: int) -> H2Stream | None:
+        """h2's stream if it is tracked here and h2 takes DATA on it as it comes: open for
+        receiving, answered (its headers received), no content-length to check the body against."""
+        tracked = self._streams.get(stream_id)
+        if tracked is None:
+            return None
+        stream = tracked.h2_stream
+        machine = stream.state_machine
+        state = machine.state
+        if (
+            (state is not _OPEN and state is not _HALF_CLOSED_LOCAL)
+            or not machine.headers_received
+            or stream._expected_content_length is not None
+        ):
+            return None
+        return stream
 
     def _deliver(self, stream_id: int, payload: memoryview, emit: Emit) -> None:
         """Hands on a piece of a fast-path DATA frame's payload (a copy: `payload` views the
@@ -616,17 +624,8 @@ class HboneConnection:
         """What h2's `_receive_data_frame` does with an empty DATA frame carrying END_STREAM, if the
         stream is tracked, open for receiving, answered and without a content-length; False
         (nothing done) otherwise."""
-        tracked = self._streams.get(stream_id)
-        if tracked is None:
-            return False
-        stream = tracked.h2_stream
-        machine = stream.state_machine
-        state = machine.state
-        if (
-            (state is not _OPEN and state is not _HALF_CLOSED_LOCAL)
-            or not machine.headers_received
-            or stream._expected_content_length is not None
-        ):
+        stream = self._receiving_data_as_is(stream_id)
+        if stream is None:
             return False
         # No window to consume: the frame carries no bytes.
         events = self._h2.state_machine.process_input(ConnectionInputs.RECV_DATA)

@@ -8,25 +8,37 @@ import time
 from agent.observability.metrics import AgentMetrics, PeerLabels, TcpLabels
 from agent.proxy.labels import ResponseFlag
 from agent.proxy.sessions import REPORT_DELAY_S, Leg, Sessions
-from tests.unit.proxy.mesh import recorded_access_log
+from tests.unit.proxy.mesh import RecordingHandler, recorded_access_log
 
 CLIENT = PeerLabels(workload="sleep", namespace="shop", principal="spiffe://cluster.local/ns/shop/sa/sleep")
 SERVER = PeerLabels(workload="echo", namespace="shop", principal="spiffe://cluster.local/ns/shop/sa/echo")
 
 
-def failed_samples(metrics: AgentMetrics) -> list[tuple[dict[str, str], float]]:
+def samples(metrics: AgentMetrics, name: str) -> list[tuple[dict[str, str], float]]:
     return [
         (sample.labels, sample.value)
         for family in metrics.registry.collect()
         for sample in family.samples
-        if sample.name == "istio_tcp_connections_failed_total"
+        if sample.name == name
     ]
 
 
-async def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_reason() -> None:
+def failed_samples(metrics: AgentMetrics) -> list[tuple[dict[str, str], float]]:
+    return samples(metrics, "istio_tcp_connections_failed_total")
+
+
+def closed_count(metrics: AgentMetrics) -> float:
+    return sum(value for _, value in samples(metrics, "istio_tcp_connections_closed_total"))
+
+
+def sessions_under_test() -> tuple[Sessions, AgentMetrics, RecordingHandler]:
     metrics = AgentMetrics()
     access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
-    sessions = Sessions(metrics, access_log)
+    return Sessions(metrics, access_log), metrics, access
+
+
+async def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_reason() -> None:
+    sessions, metrics, access = sessions_under_test()
     labels = TcpLabels("source", CLIENT, SERVER, security_policy="mutual_tls")
     legs = [
         Leg("outbound", labels, "10.1.0.2:40000", "10.2.0.5:8080"),
@@ -56,19 +68,8 @@ async def test_a_refusal_counts_each_leg_as_failed_with_its_flag_and_logs_the_re
     assert len(sessions) == 0  # nothing was opened
 
 
-def closed_count(metrics: AgentMetrics) -> float:
-    return sum(
-        sample.value
-        for family in metrics.registry.collect()
-        for sample in family.samples
-        if sample.name == "istio_tcp_connections_closed_total"
-    )
-
-
 async def test_finished_connections_are_reported_together_a_moment_later_with_their_end_time() -> None:
-    metrics = AgentMetrics()
-    access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
-    sessions = Sessions(metrics, access_log)
+    sessions, metrics, access = sessions_under_test()
     labels = TcpLabels("source", CLIENT, SERVER, security_policy="mutual_tls")
     legs = [Leg("outbound", labels, f"10.1.0.2:{port}", "10.2.0.5:8080") for port in (1, 2)]
     relays = [sessions.begin([leg]) for leg in legs]
@@ -88,9 +89,7 @@ async def test_finished_connections_are_reported_together_a_moment_later_with_th
 
 
 async def test_the_last_reports_go_out_at_once_when_asked() -> None:
-    metrics = AgentMetrics()
-    access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
-    sessions = Sessions(metrics, access_log)
+    sessions, metrics, access = sessions_under_test()
     labels = TcpLabels("source", CLIENT, SERVER)
     sessions.begin([Leg("outbound", labels, "10.1.0.2:1", "10.2.0.5:8080")]).closed(downstream=True)
     sessions.report_pending()
@@ -101,9 +100,7 @@ async def test_the_last_reports_go_out_at_once_when_asked() -> None:
 
 
 async def test_reports_keep_the_order_in_which_connections_ended() -> None:
-    metrics = AgentMetrics()
-    access_log, access = recorded_access_log(f"sessions.{id(metrics)}")
-    sessions = Sessions(metrics, access_log)
+    sessions, _, access = sessions_under_test()
     labels = TcpLabels("destination", CLIENT, SERVER)
     relay = sessions.begin([Leg("inbound", labels, "10.1.0.2:1", "10.2.0.5:8080")])
     relay.closed(downstream=True)
