@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import h2.events as h2e
@@ -760,7 +760,7 @@ class HboneConnection:
             offset = end
         return allowed
 
-    def _send_headers(self, stream_id: int, headers: list[header_block.Header]) -> None:
+    def _send_headers(self, stream_id: int, headers: Sequence[header_block.Header]) -> None:
         """What h2's `send_headers` does for a header block without END_STREAM (a CONNECT, a 2xx),
         framing the block here: the block is the same either way, the encoder being stateless."""
         h2 = self._h2

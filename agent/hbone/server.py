@@ -15,7 +15,7 @@ from agent.hbone.errors import ErrorCode, RefusalReason
 from agent.hbone.events import MalformedTunnelRequest, ServerEvent, TunnelRequested
 from agent.hbone.request import MalformedRequest, parse_connect_request
 
-_TUNNEL_ESTABLISHED = [(b":status", b"200")]
+_TUNNEL_ESTABLISHED = ((b":status", b"200"),)
 """The answer to an accepted CONNECT."""
 
 
