@@ -56,6 +56,8 @@ class InboundAuthorization:
 
 @dataclass(frozen=True, slots=True)
 class _Finished:
+    """A relayed connection that ended, to report."""
+
     session: Session
     outcome: RelayOutcome
     ended_at: float
@@ -63,6 +65,8 @@ class _Finished:
 
 @dataclass(frozen=True, slots=True)
 class _Refused:
+    """A connection that could not be opened, to report."""
+
     legs: Sequence[Leg]
     flag: ResponseFlag
     error: str
