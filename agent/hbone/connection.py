@@ -298,6 +298,12 @@ class HboneConnection:
         self._peer_going_away = False
 
     @property
+    def _passing_h2(self) -> bool:
+        """Whether frames may pass h2 by now: the fast path is on and h2 has not closed the
+        connection (from then on h2 refuses, and must, whatever this side would send)."""
+        return self.fast_path and self._h2.state_machine.state is not ConnectionState.CLOSED
+
+    @property
     def open_stream_count(self) -> int:
         """Streams not yet finished both ways nor reset (tunnels pending an answer included)."""
         return len(self._streams)
@@ -579,7 +585,7 @@ class HboneConnection:
 
     def _receive_frame(self, frame: bytes | memoryview, emit: Emit) -> None:
         """Handles a whole frame that is not fast-path DATA (its header was read by `_frame_header`)."""
-        if self._past_codec and self.fast_path and self._h2.state_machine.state is not ConnectionState.CLOSED:
+        if self._past_codec and self._passing_h2:
             _, _, kind, _, stream_id = FRAME_HEADER.unpack_from(frame)
             stream_id &= _STREAM_ID_MASK
             if kind == _DATA:
@@ -745,7 +751,7 @@ class HboneConnection:
         # A stream this side tracks and has not ended (`send_data` checked) is one h2 lets send on:
         # whatever makes h2 close it (a reset either way, a refusal) untracks it at once. Only a
         # closed connection (GOAWAY sent) is left to h2, which raises as it must.
-        if self.fast_path and h2.state_machine.state is not ConnectionState.CLOSED:
+        if self._passing_h2:
             self._send_fast_data(h2_stream, data, allowed, max_frame)
             return allowed
         stream_id = h2_stream.stream_id
@@ -764,7 +770,7 @@ class HboneConnection:
         """What h2's `send_headers` does for a header block without END_STREAM (a CONNECT, a 2xx),
         framing the block here: the block is the same either way, the encoder being stateless."""
         h2 = self._h2
-        if not self.fast_path or h2.state_machine.state is ConnectionState.CLOSED:
+        if not self._passing_h2:
             h2.send_headers(stream_id, headers)
             return
         if stream_id not in h2.streams:
@@ -791,7 +797,7 @@ class HboneConnection:
         """What h2's `end_stream` does (an empty DATA frame with END_STREAM), framed here."""
         h2 = self._h2
         h2_stream = stream.h2_stream
-        if not self.fast_path or h2.state_machine.state is ConnectionState.CLOSED:
+        if not self._passing_h2:
             h2.end_stream(h2_stream.stream_id)
             return
         h2.state_machine.process_input(ConnectionInputs.SEND_DATA)

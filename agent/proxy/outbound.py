@@ -186,8 +186,7 @@ class OutboundProxy:
             self._sessions.refused([leg()], flag, "the client left", accepted_at)
             return
         relay = self._sessions.begin([leg()])
-        for counters in relay.counters:
-            counters.sent += len(early_data)
+        relay.count_sent_before_join(len(early_data))
         downstream.relay = stream.relay = relay
         relay.join(downstream, stream)
 

@@ -76,6 +76,12 @@ class Relay:
         downstream.resume_receiving()
         upstream.resume_receiving()
 
+    def count_sent_before_join(self, size: int) -> None:
+        """Counts bytes the client's end handed on before the relay joined (a client's first bytes
+        that left with the CONNECT)."""
+        for counters in self.counters:
+            counters.sent += size
+
     # Callbacks from the ends. `from_downstream` tells which end is calling.
 
     def received(self, data: bytes, *, from_downstream: bool) -> None:
