@@ -108,9 +108,7 @@ class KubernetesCsrIssuer:
         name: str | None = None
         try:
             async with asyncio.timeout(timeout):
-                created = await self._api.request(
-                    "POST", CSR_PATH, body=csr_object(spiffe_id, csr_pem, self._node_name)
-                )
+                created = await self._create(csr_object(spiffe_id, csr_pem, self._node_name))
                 if not created.ok:
                     return IssueFailed(
                         f"creating a CertificateSigningRequest for {spiffe_id}: {created.message}"
@@ -124,6 +122,20 @@ class KubernetesCsrIssuer:
         finally:
             if name is not None:
                 await self._delete(name)
+
+    async def _create(self, csr: JsonObject) -> ApiResponse:
+        """POSTs `csr`. A caller that gives up meanwhile (cancelled: its identity was dropped, or
+        its wait ran out) leaves no CSR behind: the API server may have stored it already, so the
+        answer is still awaited and what it names deleted before the cancellation goes on."""
+        post = asyncio.ensure_future(self._api.request("POST", CSR_PATH, body=csr))
+        try:
+            return await asyncio.shield(post)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ApiUnreachable):
+                created = await post
+                if created.ok:
+                    await self._delete(str(created.body["metadata"]["name"]))
+            raise
 
     async def _answer(self, name: str, csr: JsonObject) -> Issued | IssueDenied | IssueFailed:
         """Follows CSR `name` until it is answered (the caller bounds the wait)."""

@@ -3,18 +3,29 @@ CSR (issued chain, or the denial's own message) and from the bundle ConfigMap.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from agent.identity.csr import CsrAccepted, build_csr, generate_key, validate_csr
 from agent.identity.manager import Issued, IssueDenied
 from agent.identity.spiffe import SpiffeId
 from agent.identity.testing import EphemeralCa
 from agent.operator.ca_decision import GRANTED_USAGES, SIGNER_NAME
+from agent.operator.ca_signer import CSR_PATH
 from agent.operator.ca_store import BUNDLE_KEY
-from agent.operator.csr_client import NODE_LABEL, bundle_from_configmap, csr_answer, csr_object
+from agent.operator.csr_client import (
+    NODE_LABEL,
+    KubernetesCsrIssuer,
+    bundle_from_configmap,
+    csr_answer,
+    csr_object,
+)
+from agent.operator.kubeapi import ApiAccess
+from agent.operator.rest import ApiClient
 
 CART = SpiffeId("cluster.local", "shop", "cart")
 
@@ -95,3 +106,54 @@ def test_a_configmap_without_a_bundle_says_why(data: dict[str, str], problem: st
     result = bundle_from_configmap({"metadata": {"name": "bundle"}, "data": data})
     assert isinstance(result, str)
     assert result.startswith(problem)
+
+
+class SlowCsrApi:
+    """Stands in for the API server's CSR resource: holds each create until `release` is set (the
+    CSR counts as stored from the moment the request arrived), and records deletions."""
+
+    def __init__(self) -> None:
+        self.created = asyncio.Event()
+        self.release = asyncio.Event()
+        self.deleted: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post(CSR_PATH, self._create)
+        app.router.add_delete(CSR_PATH + "/{name}", self._delete)
+        return app
+
+    async def _create(self, request: web.Request) -> web.Response:
+        csr = await request.json()
+        self.created.set()
+        await self.release.wait()
+        csr["metadata"]["name"] = csr["metadata"]["generateName"] + "x1"
+        return web.json_response(csr, status=201)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        self.deleted.append(request.match_info["name"])
+        return web.json_response({"kind": "Status", "status": "Success"})
+
+
+async def test_a_request_given_up_on_while_being_created_leaves_no_csr_behind() -> None:
+    api = SlowCsrApi()
+    runner = web.AppRunner(api.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with ApiClient(ApiAccess(server=f"http://127.0.0.1:{port}")) as client:
+            issuer = KubernetesCsrIssuer(
+                client, node_name="node-1", bundle_namespace="ambient-system", bundle_configmap="bundle"
+            )
+            request = asyncio.create_task(issuer.issue(CART, build_csr(generate_key(), CART), timeout=30))
+            async with asyncio.timeout(10):
+                await api.created.wait()
+                request.cancel()  # the identity was dropped while the POST was on its way
+                api.release.set()
+                with pytest.raises(asyncio.CancelledError):
+                    await request
+        assert api.deleted == ["shop.cart.x1"]
+    finally:
+        await runner.cleanup()
