@@ -15,6 +15,12 @@ on a stream in any other state, anything malformed) goes to h2 whole, in order. 
 on a stream h2 would let send is framed here and accounted in h2's windows, after whatever h2 had
 queued.
 
+A relay's commonest read and write are one small chunk of an interactive exchange: one whole DATA
+frame in, one out. Two shortcuts serve exactly that case with a few checks and no frame splitting,
+event list or output queue: `receive_whole_data_frame` (a read that is one DATA frame for a stream
+delivered to a sink) and `data_frame_now` (a chunk that can leave at once as one DATA frame, when
+nothing else is queued). Each does what the general path does with the same bytes, or nothing.
+
 A tunnel's other frames, its CONNECT, the answer and one END_STREAM each way, cost h2 a hundred
 Python calls per side beyond what they mean to its state machines (frame objects, flag sets, HPACK,
 debug logging). Those frames pass h2's codec by in the common case: sending, this side builds the
@@ -372,6 +378,37 @@ class HboneConnection:
         self._blocked[stream_id] = None
         return stream.pending_bytes
 
+    def data_frame_now(self, stream_id: int, data: bytes) -> bytes | None:
+        """`data` as one DATA frame to write at once, if it can leave that way now: a tracked
+        stream holding nothing back and not ended, fewer than `_PAYLOAD_LEFT_AS_IS` bytes (which
+        fit any frame size a peer may set) within both windows, the fast path on, and nothing else
+        queued to send. Accounts the bytes as sent, as `send_data` would; the caller writes the
+        frame before anything `data_to_send` returns later. None: nothing was done, use
+        `send_data`."""
+        stream = self._streams.get(stream_id)
+        size = len(data)
+        # Bytes held back mean an exhausted window too; checked anyway, as order depends on it.
+        if (
+            stream is None
+            or stream.pending is not None
+            or stream.end_requested
+            or not 0 < size < _PAYLOAD_LEFT_AS_IS
+            or self._outbound
+        ):
+            return None
+        h2 = self._h2
+        h2_stream = stream.h2_stream
+        if (
+            h2._data_to_send
+            or size > h2.outbound_flow_control_window
+            or size > h2_stream.outbound_flow_control_window
+            or not self._passing_h2
+        ):
+            return None
+        h2.outbound_flow_control_window -= size
+        h2_stream.outbound_flow_control_window -= size
+        return FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id) + data
+
     def outbound_buffered(self, stream_id: int) -> int:
         """Bytes `stream_id` holds back for lack of peer window (0 for unknown streams)."""
         stream = self._streams.get(stream_id)
@@ -487,6 +524,30 @@ class HboneConnection:
                 else:
                     self._partial += view[position:]
                     position = end
+
+    def receive_whole_data_frame(self, data: memoryview) -> bool:
+        """Takes `data` if it is exactly one whole non-empty DATA frame for a stream whose bytes go
+        to a sink (`deliver_to`), that h2 would take as it is (`_starts_fast_data`): the payload
+        goes to the sink, and True. False: nothing was taken; hand `data` to `receive_data`."""
+        # No preface check: a stream with a sink was opened after it. A header block in
+        # progress is `_starts_fast_data`'s to check.
+        if self._payload_left or self._partial or self._closed or len(data) < FRAME_HEADER.size:
+            return False
+        high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(data)
+        length = high << 16 | low
+        if kind != _DATA or not length or FRAME_HEADER.size + length != len(data):
+            return False
+        sink = self._sinks.get(stream_id)  # none if the reserved bit is set: that is left to h2
+        if (
+            sink is None
+            or length > self._h2.max_inbound_frame_size
+            or not self._starts_fast_data(stream_id, flags, length)
+        ):
+            return False
+        self._payload_left = 0  # delivered whole, here
+        self._unacknowledged[stream_id] = self._unacknowledged.get(stream_id, 0) + length
+        sink(data[FRAME_HEADER.size :].tobytes(), length)
+        return True
 
     def _continue_partial_frame(self, view: memoryview, position: int, emit: Emit) -> int:
         """Adds the bytes of `view` from `position` that the partial frame still lacks, and hands

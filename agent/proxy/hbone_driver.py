@@ -149,7 +149,7 @@ class HboneStreamEnd:
     # RelayEnd
 
     def send(self, data: bytes) -> None:
-        if self.gone:
+        if self.gone or self.driver.write_data_frame_now(self.stream_id, data):
             return
         held_back = self.driver.connection.send_data(self.stream_id, data)
         self.driver.flush()
@@ -317,9 +317,11 @@ class HboneDriver(asyncio.BufferedProtocol, ABC):
     def buffer_updated(self, nbytes: int) -> None:
         if self.rejection or self.connection.closed:
             return
+        data = _read_buffer[:nbytes]
         self._dispatching = True
         try:
-            self._receive(_read_buffer[:nbytes])
+            if not self.connection.receive_whole_data_frame(data):
+                self._receive(data)
         finally:
             self._dispatching = False
         self.flush()
@@ -363,6 +365,19 @@ class HboneDriver(asyncio.BufferedProtocol, ABC):
             self.transport.writelines(parts)
         if self.connection.closed:
             self.transport.close()
+
+    def write_data_frame_now(self, stream_id: int, data: bytes) -> bool:
+        """Writes `data` at once as one DATA frame of `stream_id` when the connection can frame it
+        so (`HboneConnection.data_frame_now`); False: nothing was done. Not while received bytes
+        are being dispatched: what they cause goes out in one write at the end."""
+        transport = self.transport
+        if self._dispatching or transport is None or self.rejection or transport.is_closing():
+            return False
+        frame = self.connection.data_frame_now(stream_id, data)
+        if frame is None:
+            return False
+        transport.write(frame)
+        return True
 
     def forget(self, stream: HboneStreamEnd) -> None:
         """A stream ended; the connection may now be idle."""

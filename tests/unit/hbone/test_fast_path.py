@@ -119,6 +119,8 @@ class Twins:
 
     fast: HboneClientConnection | HboneServerConnection
     h2: HboneClientConnection | HboneServerConnection
+    written_now: bytes = b""
+    """Frames the fast connection had written at once (`data_frame_now`), ahead of its queue."""
 
     @classmethod
     def of(cls, make: Callable[[], HboneClientConnection | HboneServerConnection]) -> Twins:
@@ -145,8 +147,20 @@ class Twins:
         assert outcomes[0] == outcomes[1]
         self.check_state()
 
+    def send_now(self, stream_id: int, data: bytes) -> None:
+        """Sends as the driver does: one frame written at once when the connection frames it so,
+        else `send_data`. The twin without the fast path never frames; it must send the same."""
+        assert self.h2.data_frame_now(stream_id, data) is None
+        frame = self.fast.data_frame_now(stream_id, data)
+        if frame is None:
+            self.call(lambda c: c.send_data(stream_id, data))
+            return
+        assert self.h2.send_data(stream_id, data) == 0  # all of it sent, as with the frame
+        self.written_now += frame
+        self.check_state()
+
     def outputs(self) -> bytes:
-        sent = self.fast.data_to_send()
+        sent, self.written_now = self.written_now + self.fast.data_to_send(), b""
         assert sent == self.h2.data_to_send()
         return sent
 
@@ -357,7 +371,11 @@ PEER_FRAME = st.one_of(
 
 SERVER_ACTION = st.one_of(
     st.tuples(st.sampled_from(("accept", "refuse", "reset", "end", "ack all")), st.sampled_from(STREAMS)),
-    st.tuples(st.just("send"), st.sampled_from(STREAMS), st.sampled_from((1, 1000, 20_000, 70_000))),
+    st.tuples(
+        st.sampled_from(("send", "send now")),
+        st.sampled_from(STREAMS),
+        st.sampled_from((1, 1000, 20_000, 70_000)),
+    ),
     st.tuples(st.just("ack"), st.sampled_from(STREAMS), st.sampled_from((1, 1000, 70_000))),
     st.tuples(st.sampled_from(("drain", "close"))),
 )
@@ -365,7 +383,11 @@ SERVER_ACTION = st.one_of(
 CLIENT_ACTION = st.one_of(
     st.tuples(st.just("open")),
     st.tuples(st.sampled_from(("reset", "end", "ack all")), st.sampled_from(STREAMS)),
-    st.tuples(st.just("send"), st.sampled_from(STREAMS), st.sampled_from((1, 1000, 20_000, 70_000))),
+    st.tuples(
+        st.sampled_from(("send", "send now")),
+        st.sampled_from(STREAMS),
+        st.sampled_from((1, 1000, 20_000, 70_000)),
+    ),
     st.tuples(st.just("ack"), st.sampled_from(STREAMS), st.sampled_from((1, 1000, 70_000))),
     st.tuples(st.just("close")),
 )
@@ -492,6 +514,9 @@ def run_steps(
     for kind, step in steps:
         if kind == "peer":
             acknowledger.delivered(twins.feed(peer_bytes(peer, step, answers=answers)))
+        elif step[0] == "send now":
+            _, stream_id, size = step
+            twins.send_now(stream_id, payload(size))
         else:
             twins.call(action(step, acknowledger))
         twins.outputs()
@@ -686,6 +711,185 @@ def test_a_sink_takes_exactly_the_bytes_the_events_would_carry(frames: list[tupl
             reference.acknowledge_received_data(stream_id, length)
     assert sinked.data_to_send() == reference.data_to_send()
     assert describe(sinked) == describe(reference)
+
+
+PLAIN_DATA_FRAME = st.tuples(
+    st.just("data"),
+    st.sampled_from(STREAMS[:2]),
+    st.sampled_from((1, 100, 4096, 16_384)),
+    st.just(False),
+    st.none(),
+)
+"""A DATA frame without flags on a stream that has a sink (in the tests that set one)."""
+
+
+@PROPERTY_SETTINGS
+@given(
+    # Half the frames plain DATA for a sink (one_of would draw them as one of PEER_FRAME's kinds).
+    st.lists(
+        st.tuples(st.booleans(), PLAIN_DATA_FRAME, PEER_FRAME).map(lambda t: t[1] if t[0] else t[2]),
+        min_size=3,
+        max_size=12,
+    ),
+    st.lists(st.sampled_from((False, False, True)), min_size=12, max_size=12),
+)
+def test_a_whole_data_frame_taken_at_once_is_received_as_receive_data_would(
+    frames: list[tuple[Any, ...]], cut_off: list[bool]
+) -> None:
+    """A read is offered whole to `receive_whole_data_frame` first, as the driver does, then (if
+    not taken) to `receive_data`; reads are single frames, or a frame missing its last byte (which
+    comes with the next read)."""
+    peer = Peer()
+    opening = PREFACE + SettingsFrame(0).serialize() + connects(peer)
+    shortcut, reference = HboneServerConnection(SMALL), HboneServerConnection(SMALL)
+    shortcut.receive_data(opening)
+    reference.receive_data(opening)
+    taken: dict[object, list[tuple[int, bytes, int]]] = {shortcut: [], reference: []}
+    for connection in (shortcut, reference):
+        for stream_id in STREAMS[:2]:
+            connection.deliver_to(
+                stream_id,
+                lambda data, length, s=stream_id, c=connection: taken[c].append((s, data, length)),
+            )
+    reads = [peer_bytes(peer, [frame], answers=False) for frame in frames]
+    carried = b""
+    shortcut_events: list[object] = []
+    for frame, cut in zip(reads, cut_off, strict=False):
+        read, carried = carried + (frame[:-1] if cut else frame), frame[-1:] if cut else b""
+        if not shortcut.receive_whole_data_frame(memoryview(read)):
+            shortcut_events += shortcut.receive_data(read)
+    shortcut_events += shortcut.receive_data(carried)
+    reference_events = reference.receive_data(b"".join(reads))
+
+    def joined(pieces: list[tuple[int, bytes, int]]) -> dict[int, tuple[bytes, int]]:
+        return {
+            stream_id: (
+                b"".join(data for s, data, _ in pieces if s == stream_id),
+                sum(length for s, _, length in pieces if s == stream_id),
+            )
+            for stream_id in STREAMS[:2]
+        }
+
+    assert joined(taken[shortcut]) == joined(taken[reference])
+    assert merged(shortcut_events) == merged(reference_events)
+    assert describe(shortcut) == describe(reference)
+    for stream_id, (_, length) in joined(taken[reference]).items():
+        shortcut.acknowledge_received_data(stream_id, length)
+        reference.acknowledge_received_data(stream_id, length)
+    assert shortcut.data_to_send() == reference.data_to_send()
+
+
+def test_a_read_of_one_data_frame_for_a_sink_is_taken_whole() -> None:
+    wire = Wire()
+    stream_id = wire.open()
+    taken: list[tuple[bytes, int]] = []
+    wire.server.deliver_to(stream_id, lambda data, length: taken.append((data, length)))
+    frame = data_frame(stream_id, 1024)
+    assert wire.server.receive_whole_data_frame(memoryview(frame))
+    assert taken == [(payload(1024, stream_id), 1024)]
+    window = wire.server._h2.streams[stream_id].inbound_flow_control_window
+    assert window == HboneSettings().stream_window - 1024
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        pytest.param(lambda s: data_frame(s, 1024)[:-1], id="part of a frame"),
+        pytest.param(lambda s: data_frame(s, 1024) + data_frame(s, 10), id="two frames"),
+        pytest.param(lambda s: data_frame(s, 10, end_stream=True), id="END_STREAM"),
+        pytest.param(lambda s: data_frame(s, 10, pad=3), id="padded"),
+        pytest.param(lambda s: data_frame(s, 0), id="empty"),
+        pytest.param(lambda s: data_frame(s + 2, 10), id="another stream"),
+        pytest.param(lambda s: data_frame(s, 16_385), id="beyond the frame size"),
+        pytest.param(lambda s: data_frame(s, 65_536), id="beyond the window"),
+        pytest.param(lambda s: PingFrame(0, opaque_data=b"12345678").serialize(), id="not DATA"),
+        pytest.param(lambda s: b"\x00\x00", id="part of a header"),
+    ],
+)
+def test_any_other_read_is_left_to_receive_data(read: Callable[[int], bytes]) -> None:
+    wire = Wire(server_settings=SMALL)
+    stream_id = wire.open()
+    taken: list[bytes] = []
+    wire.server.deliver_to(stream_id, lambda data, length: taken.append(data))
+    before = describe(wire.server)
+    assert not wire.server.receive_whole_data_frame(memoryview(read(stream_id)))
+    assert (taken, describe(wire.server)) == ([], before)
+
+
+def test_a_data_frame_is_not_taken_whole_without_a_sink_or_while_a_frame_is_open() -> None:
+    wire = Wire()
+    stream_id = wire.open()
+    frame = data_frame(stream_id, 10)
+    assert not wire.server.receive_whole_data_frame(memoryview(frame))
+    taken: list[bytes] = []
+    wire.server.deliver_to(stream_id, lambda data, length: taken.append(data))
+    first = data_frame(stream_id, 100)
+    wire.server.receive_data(first[:50])  # the frame's payload is on its way
+    assert not wire.server.receive_whole_data_frame(memoryview(frame))
+    wire.server.receive_data(first[50:])
+    assert taken == [payload(100, stream_id)[:41], payload(100, stream_id)[41:]]
+    ping = PingFrame(0, opaque_data=b"12345678").serialize()
+    wire.server.receive_data(ping[:5])  # a frame header on its way
+    assert not wire.server.receive_whole_data_frame(memoryview(frame))
+    wire.server.receive_data(ping[5:])
+    wire.server.close()
+    assert not wire.server.receive_whole_data_frame(memoryview(frame))
+    assert len(taken) == 2
+
+
+def test_a_chunk_sent_now_is_the_frame_send_data_would_queue() -> None:
+    wire, twin = Wire(), Wire()
+    stream_id, _ = wire.open(), twin.open()
+    chunk = payload(1024)
+    frame = wire.client.data_frame_now(stream_id, chunk)
+    assert twin.client.send_data(stream_id, chunk) == 0
+    assert frame == twin.client.data_to_send()
+    assert describe(wire.client) == describe(twin.client)
+    assert wire.client.data_to_send() == b""
+    assert received_bytes(wire.server.receive_data(frame), stream_id) == chunk
+
+
+@pytest.mark.parametrize(
+    ("prepare", "sent"),
+    [
+        pytest.param(lambda w, s: w.client.ping(b"12345678"), False, id="h2 queued a frame"),
+        pytest.param(lambda w, s: w.client.send_data(s, b"queued"), False, id="a DATA frame queued"),
+        pytest.param(lambda w, s: w.client.send_data(s, payload(70_000)), True, id="bytes held back"),
+        pytest.param(lambda w, s: w.client.end_stream(s), True, id="stream ended"),
+        pytest.param(lambda w, s: w.client.reset_stream(s), True, id="stream reset"),
+        pytest.param(lambda w, s: w.client.close(), True, id="connection closed"),
+    ],
+)
+def test_a_chunk_is_not_sent_now_after(prepare: Callable[[Wire, int], object], sent: bool) -> None:
+    """`sent`: what `prepare` queued is sent first, so that only the case named is in the way."""
+    wire = Wire(server_settings=HboneSettings(stream_window=65_535))
+    stream_id = wire.open()
+    prepare(wire, stream_id)
+    if sent:
+        wire.client.data_to_send()
+    before = describe(wire.client)
+    assert wire.client.data_frame_now(stream_id, b"chunk") is None
+    assert describe(wire.client) == before
+
+
+def test_a_chunk_is_sent_now_only_when_small_and_within_the_windows() -> None:
+    wire = Wire(server_settings=HboneSettings(stream_window=65_535))
+    stream_id = wire.open()
+    assert wire.client.data_frame_now(stream_id, b"") is None
+    assert wire.client.data_frame_now(stream_id, payload(16_384)) is None  # large: sent as a view
+    for _ in range(4):
+        assert wire.client.data_frame_now(stream_id, payload(16_383)) is not None
+    assert wire.client.data_frame_now(stream_id, payload(4)) is None  # 3 bytes of window left
+    assert wire.client.data_frame_now(stream_id, payload(3)) is not None
+    assert wire.client.data_frame_now(stream_id + 2, b"unknown stream") is None
+    narrow = Wire(server_settings=HboneSettings(stream_window=65_535, connection_window=65_535))
+    first, second = narrow.open(), narrow.open()
+    for _ in range(4):
+        assert narrow.client.data_frame_now(first, payload(16_383)) is not None
+    assert narrow.client.data_frame_now(second, payload(4)) is None  # the connection's window
+    unframed = Wire()
+    unframed.client.fast_path = False
+    assert unframed.client.data_frame_now(unframed.open(), b"chunk") is None
 
 
 def test_a_sink_serves_its_stream_until_it_ends_and_none_brings_events_back() -> None:

@@ -1,11 +1,17 @@
-"""What the client driver writes when it opens a tunnel: the CONNECT, and the client's first bytes
-with it, in one write (the destination holds them until it accepts)."""
+"""What the client driver writes when it opens a tunnel (the CONNECT, and the client's first bytes
+with it, in one write: the destination holds them until it accepts), and how a tunnel's chunks
+take the connection's shortcuts: one DATA frame read whole, one written at once."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
+
 from agent.hbone import DataReceived, HboneServerConnection, HboneSettings, TunnelRequested
 from agent.identity.spiffe import SpiffeId
-from agent.proxy.hbone_driver import HboneClientDriver
+from agent.proxy.hbone_driver import HboneClientDriver, HboneStreamEnd
+from agent.proxy.relay import Relay
 from tests.unit.hbone.wire import CLIENT, TARGET
 
 
@@ -58,3 +64,85 @@ async def test_without_early_bytes_the_connect_leaves_alone() -> None:
     stream = driver.open_stream(TARGET, CLIENT)
     [written] = transport.writes
     assert server.receive_data(written) == [TunnelRequested(stream.stream_id, TARGET, CLIENT)]
+
+
+def receive(driver: HboneClientDriver, data: bytes) -> None:
+    """Hands `data` to the driver as one read of its transport."""
+    driver.get_buffer(len(data))[: len(data)] = data
+    driver.buffer_updated(len(data))
+
+
+def refused(name: str) -> Callable[..., object]:
+    """Stands in for a connection method the shortcut must not reach."""
+
+    def call(*args: object) -> object:
+        raise AssertionError(f"the general path was taken: {name}")
+
+    return call
+
+
+class EchoingRelay(Relay):
+    """Sends every chunk the tunnel brings straight back on it, noting how many writes the
+    transport had taken by then."""
+
+    def __init__(self, stream: HboneStreamEnd, transport: RecordingTransport) -> None:
+        super().__init__(lambda outcome: None)
+        self.stream, self.transport = stream, transport
+        self.writes_when_received: list[int] = []
+
+    def received(self, data: bytes, *, from_downstream: bool) -> None:
+        self.writes_when_received.append(len(self.transport.writes))
+        self.stream.send(data)
+
+
+Tunnel = tuple[HboneClientDriver, RecordingTransport, HboneServerConnection, HboneStreamEnd]
+
+
+async def answered_tunnel() -> Tunnel:
+    driver, transport, server = connected_client()
+    stream = driver.open_stream(TARGET, CLIENT)
+    server.receive_data(b"".join(transport.writes))
+    transport.writes.clear()
+    assert server.accept(stream.stream_id)
+    receive(driver, server.data_to_send())
+    assert stream.answer is not None
+    await stream.answer
+    transport.writes.clear()  # the acknowledgement of the server's settings
+    stream.relay = EchoingRelay(stream, transport)
+    stream.resume_receiving()
+    return driver, transport, server, stream
+
+
+async def test_a_chunk_on_an_answered_tunnel_is_written_at_once_as_one_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    driver, transport, server, stream = await answered_tunnel()
+    monkeypatch.setattr(driver.hbone, "send_data", refused("send_data"))
+    stream.send(b"request")
+    [written] = transport.writes
+    assert server.receive_data(written) == [DataReceived(stream.stream_id, b"request", 7)]
+
+
+async def test_a_data_frame_read_whole_goes_to_its_tunnel_without_the_general_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    driver, transport, server, stream = await answered_tunnel()
+    server.send_data(stream.stream_id, b"answer")
+    frame = server.data_to_send()
+    monkeypatch.setattr(driver.hbone, "receive_data", refused("receive_data"))
+    receive(driver, frame)
+    assert server.receive_data(b"".join(transport.writes)) == [DataReceived(stream.stream_id, b"answer", 6)]
+
+
+async def test_what_a_read_causes_is_written_once_the_read_is_dispatched() -> None:
+    driver, transport, server, stream = await answered_tunnel()
+    server.send_data(stream.stream_id, b"one")
+    server.send_data(stream.stream_id, b"two")
+    receive(driver, server.data_to_send())  # two frames: the general path
+    assert isinstance(stream.relay, EchoingRelay)
+    assert stream.relay.writes_when_received == [0, 0]
+    [written] = transport.writes
+    assert server.receive_data(written) == [
+        DataReceived(stream.stream_id, b"one", 3),
+        DataReceived(stream.stream_id, b"two", 3),
+    ]
