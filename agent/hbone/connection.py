@@ -332,7 +332,8 @@ class HboneConnection:
         """The bytes to write on the transport now, as parts to write in order (possibly none):
         what `data_to_send` joins, except that large DATA payloads are not copied next to the
         rest (a TLS layer can take them as they are, at the cost of a record boundary)."""
-        self._take_h2_queue()
+        if not self.fast_path or self._h2._data_to_send:  # else h2 queued nothing: no call
+            self._take_h2_queue()
         outbound = self._outbound
         if not outbound:
             return []

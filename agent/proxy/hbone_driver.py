@@ -353,18 +353,20 @@ class HboneDriver(asyncio.BufferedProtocol, ABC):
     # Used by the streams and the owners of the connection.
 
     def flush(self) -> None:
-        """Writes what the HBONE connection has to send; closes the transport once it closed."""
-        if self._dispatching or self.transport is None or self.rejection:
+        """Writes what the HBONE connection has to send; closes the transport once it closed
+        (closing queues a GOAWAY: a flush with nothing to write has nothing to close either)."""
+        transport = self.transport
+        if self._dispatching or transport is None or self.rejection:
             return
         parts = self.connection.data_to_send_parts()
-        if self.transport.is_closing():
+        if not parts or transport.is_closing():
             return
         if len(parts) == 1:
-            self.transport.write(parts[0])
-        elif parts:
-            self.transport.writelines(parts)
+            transport.write(parts[0])
+        else:
+            transport.writelines(parts)
         if self.connection.closed:
-            self.transport.close()
+            transport.close()
 
     def write_data_frame_now(self, stream_id: int, data: bytes) -> bool:
         """Writes `data` at once as one DATA frame of `stream_id` when the connection can frame it
