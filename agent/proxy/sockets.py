@@ -21,6 +21,10 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 """`IPV6_TRANSPARENT` from linux/in6.h."""
 
+IP_BIND_ADDRESS_NO_PORT = 24
+"""`IP_BIND_ADDRESS_NO_PORT` from linux/in.h (IPv4 and IPv6 sockets alike): a bind to port 0 leaves
+the port to `connect()`, which picks one unique for the whole 4-tuple."""
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 LISTEN_BACKLOG = 4096
@@ -108,6 +112,8 @@ def upstream_socket(destination: Address, *, mark: int, source: Address | None =
 
     Binding to `source` (the original client's IP, port 0) needs `IP_TRANSPARENT`; the reply
     packets come back to this node because the destination routes to the client's IP through it.
+    The port is left to the connect: a port chosen at bind time must be free for every destination,
+    so a client IP with many connections (or many in TIME_WAIT) would run out of them.
     """
     sock = socket.socket(destination.family, socket.SOCK_STREAM)
     try:
@@ -115,6 +121,7 @@ def upstream_socket(destination: Address, *, mark: int, source: Address | None =
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source is not None:
             _set_transparent(sock, destination.family)
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source.ip, 0))
         sock.setblocking(False)
     except OSError as error:

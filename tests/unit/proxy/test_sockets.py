@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from agent.proxy.relay import connect_socket
 from agent.proxy.sockets import (
     Address,
     disable_nagle,
@@ -65,13 +66,29 @@ def test_upstream_socket_carries_the_mark() -> None:
 
 
 @needs_root
-def test_upstream_socket_binds_transparently_to_the_source_ip() -> None:
-    # 192.0.2.1 is not local: only IP_TRANSPARENT lets the bind succeed.
-    sock = upstream_socket(Address("127.0.0.1", 9), mark=0x539, source=Address("192.0.2.1", 0))
+@pytest.mark.parametrize(("destination", "source"), [("127.0.0.1", "192.0.2.1"), ("::1", "2001:db8::1")])
+def test_upstream_socket_binds_transparently_to_the_source_ip_leaving_the_port_to_connect(
+    destination: str, source: str
+) -> None:
+    # The source is not local: only IP_TRANSPARENT lets the bind succeed. A port chosen now
+    # would show in the socket's name.
+    sock = upstream_socket(Address(destination, 9), mark=0x539, source=Address(source, 0))
     try:
-        assert sock.getsockname()[0] == "192.0.2.1"
+        assert sock.getsockname()[:2] == (source, 0)
     finally:
         sock.close()
+
+
+@needs_root
+async def test_a_transparently_bound_upstream_socket_gets_its_port_when_it_connects() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        sock = upstream_socket(Address("127.0.0.1", port), mark=0x539, source=Address("127.0.0.1", 0))
+        try:
+            await connect_socket(sock, ("127.0.0.1", port), timeout_s=5)
+            assert sock.getsockname()[1] != 0
+        finally:
+            sock.close()
 
 
 def test_an_address_parses_its_ip_once() -> None:
