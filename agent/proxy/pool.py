@@ -23,6 +23,7 @@ from agent.proxy.credentials import TlsContexts
 from agent.proxy.hbone_driver import (
     HboneClientDriver,
     HboneStreamEnd,
+    TunnelAnswer,
     TunnelBroken,
     TunnelDeclined,
     TunnelOpened,
@@ -67,6 +68,11 @@ class _Entry:
     dialing: asyncio.Task[HboneClientDriver | DialFailed] | None = None
 
 
+def _answer_missing(answer: asyncio.Future[TunnelAnswer], waited_s: float) -> None:
+    if not answer.done():
+        answer.set_result(TunnelBroken(f"no answer to the CONNECT within {waited_s:g}s", retryable=False))
+
+
 class HbonePool:
     """The pooled outbound HBONE connections of one data plane."""
 
@@ -91,23 +97,25 @@ class HbonePool:
         client's first bytes) leaves with the CONNECT, and again with the retry of a refused stream
         (REFUSED_STREAM: the server processed nothing of it)."""
         reason = "no attempt made"
+        wait_s = 2 * self._settings.connect_timeout_s
+        loop = asyncio.get_running_loop()
         for _ in range(_ATTEMPTS):
             driver = await self._connection(key, credential, bundle)
             if isinstance(driver, DialFailed):
                 return TunnelNotOpened(driver.reason)
             stream = driver.open_stream(target, forwarded_for, early_data)
-            assert stream.answer is not None
+            answer_future = stream.answer
+            assert answer_future is not None
+            # A timer rather than `asyncio.timeout`: the answer is awaited on every new connection,
+            # and the context manager's Python-level bookkeeping cost more than the rest of this.
+            timer = loop.call_later(wait_s, _answer_missing, answer_future, wait_s)
             try:
-                async with asyncio.timeout(2 * self._settings.connect_timeout_s):
-                    answer = await stream.answer
-            except TimeoutError:
-                stream.abort()
-                return TunnelNotOpened(
-                    f"no answer to the CONNECT within {2 * self._settings.connect_timeout_s:g}s"
-                )
+                answer = await answer_future
             except asyncio.CancelledError:
                 stream.abort()
                 raise
+            finally:
+                timer.cancel()
             match answer:
                 case TunnelOpened():
                     return stream
@@ -115,6 +123,7 @@ class HbonePool:
                     return TunnelNotOpened(f"refused with {answer.status} ({answer.failure.value})", answer)
                 case TunnelBroken():
                     if not answer.retryable:
+                        stream.abort()  # unanswered in time; a no-op for a stream that ended
                         return TunnelNotOpened(answer.reason)
                     reason = answer.reason
                 case _:

@@ -312,6 +312,7 @@ async def running_mesh(
     drain_deadline_s: float = 5.0,
     keepalive_interval_s: float = 30.0,
     pool_idle_timeout_s: float = 300.0,
+    connect_timeout_s: float = 5.0,
 ) -> AsyncIterator[Mesh]:
     """Both nodes running. Node-b believes (and holds a certificate for) the echo pod's service
     account being `echo_served_as`, while node-a expects `echo`; node-a believes the client pod's
@@ -322,7 +323,7 @@ async def running_mesh(
         ports=PortSettings(),
         upstream_mark=0x539,
         hbone=hbone or HboneSettings(),
-        connect_timeout_s=5.0,
+        connect_timeout_s=connect_timeout_s,
         drain_deadline_s=drain_deadline_s,
         keepalive_interval_s=keepalive_interval_s,
         pool_idle_timeout_s=pool_idle_timeout_s,

@@ -23,6 +23,7 @@ from agent.identity.testing import EphemeralCa
 from agent.identity.tls import client_context
 from agent.proxy.config import DataPlaneSettings
 from agent.proxy.dataplane import ListenerKind, bind_listeners
+from agent.proxy.hbone_driver import HboneStreamEnd
 from agent.proxy.sockets import Address, SocketSetupError
 from agent.settings import PortSettings, SettingsError
 from tests.unit.proxy.mesh import (
@@ -276,6 +277,19 @@ async def test_refused_upstream_resets_the_client() -> None:
         await eventually(lambda: mesh.a.count("istio_tcp_connections_failed_total", response_flags="UF") == 1)
         assert "refused" in mesh.b.access.lines[0]["error"]
         assert "503" in mesh.a.access.lines[0]["error"]
+
+
+async def test_a_connect_left_unanswered_resets_the_client_and_the_tunnel() -> None:
+    async with running_mesh(connect_timeout_s=0.1) as mesh:
+        requested: list[HboneStreamEnd] = []
+        # Node-b takes the CONNECT and never answers it (its pod neither accepts nor refuses).
+        mesh.b.plane.inbound._tunnel_requested = lambda driver, stream, request: requested.append(stream)  # type: ignore[method-assign]
+        await expect_reset(await mesh.connect(mesh.pods["echo"].address))
+        await eventually(lambda: mesh.a.count("istio_tcp_connections_failed_total", response_flags="UF") == 1)
+        assert mesh.a.access.lines[0]["error"] == "no answer to the CONNECT within 0.2s"
+        [stream] = requested
+        await eventually(lambda: stream.gone)  # reset by node-a
+        assert mesh.pods["echo"].accepted == 0
 
 
 async def test_policy_denial_answers_401_and_resets_the_client() -> None:
