@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -139,12 +140,15 @@ class WorkloadCertificate:
         """The certificate naming the workload."""
         return self.chain[0]
 
-    @property
+    # Cached: the data plane checks the end of validity on every new connection, and cryptography
+    # builds a new datetime from the certificate's bytes on every read.
+
+    @cached_property
     def not_before(self) -> datetime:
         """Start of the leaf's validity (UTC)."""
         return self.leaf.not_valid_before_utc
 
-    @property
+    @cached_property
     def not_after(self) -> datetime:
         """End of the leaf's validity (UTC)."""
         return self.leaf.not_valid_after_utc
