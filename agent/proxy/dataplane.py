@@ -191,7 +191,9 @@ class DataPlane:
         """Serves one accepted connection from `client` whose original destination is `destination`
         (for HBONE: the local address it was accepted on), in a task of its own."""
         self._tasks.spawn(
-            self._serve(kind, sock, client, destination), name=f"{kind} {client} -> {destination}"
+            self._serve(kind, sock, client, destination),
+            name=kind.value,
+            detail=lambda: f"{client} -> {destination}",
         )
 
     def _captured(self, kind: ListenerKind, downstream: TcpEnd) -> None:
@@ -208,7 +210,8 @@ class DataPlane:
         client, destination = Address.of(peer), Address.of(local)
         self._tasks.spawn(
             self._serve_captured(kind, downstream, client, destination),
-            name=f"{kind} {client} -> {destination}",
+            name=kind.value,
+            detail=lambda: f"{client} -> {destination}",
         )
 
     async def drain(self) -> None:

@@ -158,7 +158,8 @@ class InboundProxy:
     ) -> None:
         self._tasks.spawn(
             self._serve_tunnel(driver, stream, request),
-            name=f"inbound tunnel {request.forwarded_for} -> {request.target}",
+            name="inbound tunnel",
+            detail=lambda: f"{request.forwarded_for} -> {request.target}",
         )
 
     async def _serve_tunnel(
