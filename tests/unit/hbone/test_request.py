@@ -115,6 +115,7 @@ def test_forwarded_is_quoted_and_brackets_ipv6_as_rfc7239_shows() -> None:
         ('for="192.0.2.43:4711", for="198.51.100.17:1"', addr("192.0.2.43", 4711)),
         ('by="a;b,c";for="192.0.2.43:4711"', addr("192.0.2.43", 4711)),
         ('for="192.0.2.43:4711",garbage', addr("192.0.2.43", 4711)),
+        ('for="192.0.2.43\\:47\\11"', addr("192.0.2.43", 4711)),  # quoted pairs (RFC 7230 3.2.6)
     ],
 )
 def test_forwarded_for_names_the_first_hop(value: str, expected: SocketAddress) -> None:
