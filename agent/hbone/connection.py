@@ -400,10 +400,10 @@ class HboneConnection:
         h2 = self._h2
         h2_stream = stream.h2_stream
         if (
-            h2._data_to_send
+            not self._passing_h2  # first: without the fast path, h2's internals may be missing
+            or h2._data_to_send
             or size > h2.outbound_flow_control_window
             or size > h2_stream.outbound_flow_control_window
-            or not self._passing_h2
         ):
             return None
         h2.outbound_flow_control_window -= size
