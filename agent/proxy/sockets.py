@@ -121,7 +121,9 @@ def upstream_socket(destination: Address, *, mark: int, source: Address | None =
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source is not None:
             _set_transparent(sock, destination.family)
-            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            # Kernels before 4.2 lack the option; the bind then picks the port, as it used to.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source.ip, 0))
         sock.setblocking(False)
     except OSError as error:
