@@ -332,8 +332,7 @@ class HboneConnection:
         """The bytes to write on the transport now, as parts to write in order (possibly none):
         what `data_to_send` joins, except that large DATA payloads are not copied next to the
         rest (a TLS layer can take them as they are, at the cost of a record boundary)."""
-        if not self.fast_path or self._h2._data_to_send:  # else h2 queued nothing: no call
-            self._take_h2_queue()
+        self._take_h2_queue()
         outbound = self._outbound
         if not outbound:
             return []
@@ -538,16 +537,15 @@ class HboneConnection:
         length = high << 16 | low
         if kind != _DATA or not length or FRAME_HEADER.size + length != len(data):
             return False
-        sink = self._sinks.get(stream_id)  # none if the reserved bit is set: that is left to h2
+        # A stream id with the reserved bit set has no sink: that frame is left to h2.
         if (
-            sink is None
+            stream_id not in self._sinks
             or length > self._h2.max_inbound_frame_size
             or not self._starts_fast_data(stream_id, flags, length)
         ):
             return False
         self._payload_left = 0  # delivered whole, here
-        self._unacknowledged[stream_id] = self._unacknowledged.get(stream_id, 0) + length
-        sink(data[FRAME_HEADER.size :].tobytes(), length)
+        self._hand_on(stream_id, data[FRAME_HEADER.size :].tobytes(), length)  # to the sink: no event
         return True
 
     def _continue_partial_frame(self, view: memoryview, position: int, emit: Emit) -> int:
@@ -636,14 +634,20 @@ class HboneConnection:
         """Hands on a piece of a fast-path DATA frame's payload (a copy: `payload` views the
         caller's buffer); a stream reset meanwhile gets the window straight back."""
         size = len(payload)
-        if stream_id in self._streams:
-            self._unacknowledged[stream_id] = self._unacknowledged.get(stream_id, 0) + size
-            if (sink := self._sinks.get(stream_id)) is not None:
-                sink(payload.tobytes(), size)
-            else:
-                emit(DataReceived(stream_id, payload.tobytes(), size))
-        else:
+        if stream_id not in self._streams:
             self._h2.acknowledge_received_data(size, stream_id)
+        elif (event := self._hand_on(stream_id, payload.tobytes(), size)) is not None:
+            emit(event)
+
+    def _hand_on(self, stream_id: int, data: bytes, length: int) -> DataReceived | None:
+        """Owes the peer `length` flow-controlled bytes of tracked stream `stream_id` until they are
+        acknowledged, and hands `data` to the stream's sink; without one, returns the event that
+        carries them."""
+        self._unacknowledged[stream_id] = self._unacknowledged.get(stream_id, 0) + length
+        if (sink := self._sinks.get(stream_id)) is None:
+            return DataReceived(stream_id, data, length)
+        sink(data, length)
+        return None
 
     def _receive_frame(self, frame: bytes | memoryview, emit: Emit) -> None:
         """Handles a whole frame that is not fast-path DATA (its header was read by `_frame_header`)."""
@@ -748,11 +752,8 @@ class HboneConnection:
             if length:
                 self._h2.acknowledge_received_data(length, stream_id)
             return
-        self._unacknowledged[stream_id] = self._unacknowledged.get(stream_id, 0) + length
-        if (sink := self._sinks.get(stream_id)) is not None:
-            sink(event.data, length)
-        else:
-            emit(DataReceived(stream_id, event.data, length))
+        if (received := self._hand_on(stream_id, event.data, length)) is not None:
+            emit(received)
 
     def _on_stream_ended(self, event: h2e.StreamEnded, emit: Emit) -> None:
         stream = self._streams.get(event.stream_id)
