@@ -40,7 +40,7 @@ def run_node(args: argparse.Namespace) -> int:
     except SettingsError as error:
         print(f"ambient-agent node: {error}", file=sys.stderr)
         return CONFIGURATION_ERROR_EXIT
-    configure_logging(log_settings.level, log_settings.format)
+    access_output = configure_logging(log_settings.level, log_settings.format)
     try:
         config = load_static_config(
             static_config.path, version=1, now=datetime.now(UTC), hbone_port=ports.inbound_hbone
@@ -58,7 +58,7 @@ def run_node(args: argparse.Namespace) -> int:
         return CONFIGURATION_ERROR_EXIT
 
     async def node() -> int:
-        return await NodeProcess(settings, config).run()
+        return await NodeProcess(settings, config, access_output=access_output).run()
 
     loop_factory = _loop_factory(settings.event_loop)
     log.info(
@@ -93,7 +93,7 @@ def _run_kubernetes_node(args: argparse.Namespace) -> int:
     except SettingsError as error:
         print(f"ambient-agent node: {error}", file=sys.stderr)
         return CONFIGURATION_ERROR_EXIT
-    configure_logging(settings.log.level, settings.log.format)
+    access_output = configure_logging(settings.log.level, settings.log.format)
     try:
         access = load_api_access(settings.kubernetes.kubeconfig)
     except ApiAccessError as error:
@@ -101,7 +101,7 @@ def _run_kubernetes_node(args: argparse.Namespace) -> int:
         return CONFIGURATION_ERROR_EXIT
 
     async def node() -> int:
-        return await KubernetesNodeProcess(settings, access).run()
+        return await KubernetesNodeProcess(settings, access, access_output=access_output).run()
 
     loop_factory = _loop_factory(settings.event_loop)
     log.info(

@@ -50,7 +50,7 @@ from agent.node.shared import (
     serve_until_stopped,
     start_endpoints,
 )
-from agent.observability.accesslog import AccessLog, LogFormat
+from agent.observability.accesslog import AccessLog, AccessOutput, LogFormat
 from agent.observability.metrics import AgentMetrics
 from agent.observability.servers import AdminProviders, Readiness
 from agent.operator.ca_settings import object_name
@@ -265,9 +265,17 @@ def node_state(
 class KubernetesNodeProcess:
     """One `ambient-agent node` run against the Kubernetes API."""
 
-    def __init__(self, settings: KubernetesNodeSettings, access: ApiAccess) -> None:
+    def __init__(
+        self,
+        settings: KubernetesNodeSettings,
+        access: ApiAccess,
+        *,
+        access_output: AccessOutput | None = None,
+    ) -> None:
+        """`access_output`: where access lines go (default: records of the access logger)."""
         self._settings = settings
         self._access = access
+        self._access_output = access_output
         self._node_name = settings.node.node_name
         self.metrics = AgentMetrics()
         self.readiness = Readiness()
@@ -313,7 +321,7 @@ class KubernetesNodeProcess:
             Snapshot(version=0, created_at=0.0),
             ManagedCredentials(certificates),
             self.metrics,
-            AccessLog(self._settings.log.format),
+            AccessLog(self._settings.log.format, output=self._access_output),
             self._node_name,
         )
         self._dataplane = dataplane

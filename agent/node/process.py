@@ -40,7 +40,7 @@ from agent.node.shared import (
     serve_until_stopped,
     start_endpoints,
 )
-from agent.observability.accesslog import AccessLog
+from agent.observability.accesslog import AccessLog, AccessOutput
 from agent.observability.metrics import AgentMetrics
 from agent.observability.servers import AdminProviders, Readiness
 from agent.proxy.dataplane import DataPlane
@@ -74,7 +74,14 @@ def files_state(paths: Iterable[Path]) -> dict[Path, FileState]:
 class NodeProcess:
     """One `ambient-agent node` run on a static configuration."""
 
-    def __init__(self, settings: NodeProcessSettings, config: StaticConfig) -> None:
+    def __init__(
+        self,
+        settings: NodeProcessSettings,
+        config: StaticConfig,
+        *,
+        access_output: AccessOutput | None = None,
+    ) -> None:
+        """`access_output`: where access lines go (default: records of the access logger)."""
         self._settings = settings
         self._config = config
         self._node_name = settings.node.node_name
@@ -87,7 +94,7 @@ class NodeProcess:
             config.snapshot,
             self._credentials,
             self.metrics,
-            AccessLog(settings.log.format),
+            AccessLog(settings.log.format, output=access_output),
             self._node_name,
         )
         self._redirect = capture_loop(settings.node.redirect, settings.node.ports, self.metrics)

@@ -1,7 +1,12 @@
-"""Access log: one line per closed (or failed) connection, as text or JSON, on its own logger.
+"""Access log: one line per closed (or failed) connection, as text or JSON.
 
 The line is built from the connection's metric labels and byte counts, so the log and `/metrics`
 can never disagree about who talked to whom or how much they sent.
+
+Lines go out as INFO records of their own logger, or, when the process hands the access log an
+`AccessOutput` (the node process does: its log stream), straight to that output, several lines in
+one write. A line is written for every connection, and `logging`'s record machinery and a flush
+per record cost more than the line itself.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +25,10 @@ ACCESS_LOGGER = "ambient_agent.access"
 
 Direction = Literal["inbound", "outbound"]
 LogFormat = Literal["text", "json"]
+
+AccessOutput = Callable[[Sequence[str]], None]
+"""Writes access lines (each as `AccessRecord.format` made it), in order, framed as the process frames
+an INFO record of the access logger."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,24 +121,39 @@ class AccessRecord:
 
 
 class AccessLog:
-    """Writes access records to the access logger in the configured format.
+    """Writes access records in the configured format: to `output` when given, else as records of
+    the access logger.
 
-    A line is an INFO record of the access logger, as `logger.info(line)` makes it, except that the
-    record names this method as its origin instead of finding its caller: `logging` walks the stack
-    for that on every record, and a line is written for every connection.
+    A logger record is an INFO record of the access logger, as `logger.info(line)` makes it, except
+    that it names this class's `write_all` as its origin instead of finding its caller: `logging`
+    walks the stack for that on every record.
     """
 
-    def __init__(self, log_format: LogFormat = "text", logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        log_format: LogFormat = "text",
+        logger: logging.Logger | None = None,
+        output: AccessOutput | None = None,
+    ) -> None:
         self._format: LogFormat = log_format
         self._logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self._output = output
 
-    def write(self, record: AccessRecord) -> None:
+    def write_all(self, records: Sequence[AccessRecord]) -> None:
+        """Writes `records` in order (to an output, in one write)."""
+        log_format = self._format
+        if not records:
+            return
+        if self._output is not None:
+            self._output([record.format(log_format) for record in records])
+            return
         logger = self._logger
         if not logger.isEnabledFor(logging.INFO):
             return
-        line = record.format(self._format)
-        logger.handle(logger.makeRecord(logger.name, logging.INFO, *_ORIGIN, line, (), None, "write"))
+        for record in records:
+            line = record.format(log_format)
+            logger.handle(logger.makeRecord(logger.name, logging.INFO, *_ORIGIN, line, (), None, "write_all"))
 
 
-_ORIGIN = (__file__, AccessLog.write.__code__.co_firstlineno)
-"""The path and line an access-log record names as where it was made (`AccessLog.write`)."""
+_ORIGIN = (__file__, AccessLog.write_all.__code__.co_firstlineno)
+"""The path and line an access-log record names as where it was made (`AccessLog.write_all`)."""

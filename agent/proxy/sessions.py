@@ -154,14 +154,16 @@ class Sessions:
             self._report_timer.cancel()
             self._report_timer = None
         unreported, self._unreported = self._unreported, []
+        records: list[AccessRecord] = []
         for report in unreported:
             match report:
                 case _Finished():
-                    self._report_finished(report)
+                    self._report_finished(report, records)
                 case _Refused():
-                    self._report_refused(report)
+                    self._report_refused(report, records)
                 case _:
                     assert_never(report)
+        self._access_log.write_all(records)
 
     def _finished(self, session: Session, outcome: RelayOutcome) -> None:
         self._live.discard(session)
@@ -175,25 +177,26 @@ class Sessions:
             loop = asyncio.get_running_loop()
             self._report_timer = loop.call_later(REPORT_DELAY_S, self.report_pending)
 
-    def _report_finished(self, report: _Finished) -> None:
+    def _report_finished(self, report: _Finished, records: list[AccessRecord]) -> None:
         session = report.session
         for leg, tracked in zip(session.legs, session.tracked, strict=True):
             self._metrics.tcp.closed(tracked)
-            record = AccessRecord.of(
-                tracked,
-                leg.direction,
-                leg.source_address,
-                leg.destination_address,
-                error=report.outcome.error,
-                now=report.ended_at,
+            records.append(
+                AccessRecord.of(
+                    tracked,
+                    leg.direction,
+                    leg.source_address,
+                    leg.destination_address,
+                    error=report.outcome.error,
+                    now=report.ended_at,
+                )
             )
-            self._access_log.write(record)
 
-    def _report_refused(self, report: _Refused) -> None:
+    def _report_refused(self, report: _Refused, records: list[AccessRecord]) -> None:
         for leg in report.legs:
             labels = failed_labels(leg.labels, report.flag)
             self._metrics.tcp.failed(labels)
-            self._access_log.write(
+            records.append(
                 AccessRecord(
                     direction=leg.direction,
                     source_address=leg.source_address,

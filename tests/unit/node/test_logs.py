@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from agent.node import logs
 from agent.node.logs import configure_logging
-from agent.observability.accesslog import ACCESS_LOGGER
+from agent.observability.accesslog import ACCESS_LOGGER, LogFormat
 
 
 @pytest.fixture(autouse=True)
@@ -57,3 +58,59 @@ def test_text_lines_name_the_level_and_logger() -> None:
     logging.getLogger("agent.test").info("quiet")
     (line,) = stream.getvalue().splitlines()
     assert line.endswith(" WARNING agent.test: careful")
+
+
+class CountingStream(io.StringIO):
+    """Counts the writes and flushes that reach the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_access_output_frames_lines_as_the_access_logger_would_in_one_write(
+    log_format: LogFormat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = CountingStream()
+    write_access_lines = configure_logging("warning", log_format, stream)
+    monkeypatch.setattr(logs.time, "time", lambda: 1_764_126_000.0456)
+    messages = ['{"message":"connection complete","n":1}', '{"message":"connection complete","n":2}']
+    write_access_lines(messages)
+    assert (stream.writes, stream.flushes) == (1, 1)
+    for message in messages:  # the same lines, through the logger, at the same time
+        logging.getLogger(ACCESS_LOGGER).info(message)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4
+    assert lines[:2] == lines[2:]
+    assert lines[0] != lines[1]
+
+
+def test_text_access_lines_carry_the_time_in_milliseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    write_access_lines = configure_logging("warning", "text", stream)
+    monkeypatch.setattr(logs.time, "time", lambda: 1_764_126_000.0456)
+    write_access_lines(["direction=outbound"])
+    (line,) = stream.getvalue().splitlines()
+    assert line.endswith(",045 INFO ambient_agent.access: direction=outbound")
+
+
+def test_access_lines_that_cannot_be_written_are_left_to_the_handlers_error_handling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    write_access_lines = configure_logging("warning", "text", stream)
+    stream.close()
+    reported: list[logging.LogRecord] = []
+    (handler,) = logging.getLogger().handlers
+    monkeypatch.setattr(handler, "handleError", reported.append)
+    write_access_lines(["direction=outbound", "direction=inbound"])
+    assert [record.getMessage() for record in reported] == ["direction=outbound", "direction=inbound"]

@@ -55,7 +55,7 @@ def test_unknown_peer_fields_are_omitted() -> None:
 
 def test_access_log_writes_to_its_own_logger(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        AccessLog("json").write(record())
+        AccessLog("json").write_all([record()])
     [entry] = caplog.records
     assert entry.name == ACCESS_LOGGER
     assert json.loads(entry.getMessage())["bytes_sent"] == 1500
@@ -63,16 +63,35 @@ def test_access_log_writes_to_its_own_logger(caplog: pytest.LogCaptureFixture) -
 
 def test_access_records_are_info_records_made_by_the_access_log(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        AccessLog("text").write(record())
+        AccessLog("text").write_all([record()])
     [entry] = caplog.records
-    assert (entry.levelname, entry.funcName, entry.module) == ("INFO", "write", "accesslog")
+    assert (entry.levelname, entry.funcName, entry.module) == ("INFO", "write_all", "accesslog")
     assert entry.getMessage() == record().format("text")
 
 
 def test_access_log_respects_the_logger_level(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger=ACCESS_LOGGER):
-        AccessLog("text").write(record())
+        AccessLog("text").write_all([record()])
     assert caplog.records == []
+
+
+def test_records_go_to_an_output_in_one_call_in_order_and_not_to_the_logger(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[list[str]] = []
+    access_log = AccessLog("text", output=lambda lines: calls.append(list(lines)))
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        access_log.write_all([record(), record(error="reset")])
+    assert calls == [[record().format("text"), record(error="reset").format("text")]]
+    assert caplog.records == []
+
+
+def test_an_empty_batch_writes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[list[str]] = []
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        AccessLog("json", output=lambda lines: calls.append(list(lines))).write_all([])
+        AccessLog("json").write_all([])
+    assert (calls, caplog.records) == ([], [])
 
 
 def test_text_line_is_exactly_the_fields_in_order() -> None:
