@@ -10,7 +10,12 @@ VPY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed-stamp
 APT_STAMP := $(VENV)/.apt-stamp
-APT_PACKAGES := nftables iproute2 etcd-server openssl procps haproxy
+APT_PACKAGES := nftables iproute2 etcd-server openssl procps haproxy python3-venv
+# The image's interpreter (Debian's python3, see Dockerfile) in a venv of its own: `make bench` runs
+# the agents on it, as they run in the product, not on whichever Python made .venv.
+IMAGE_PYTHON ?= /usr/bin/python3
+IMAGE_VENV := .venv-image
+IMAGE_STAMP := $(IMAGE_VENV)/.installed-stamp
 CLUSTER_DIR ?= /run/ambient-agent/cluster
 
 .PHONY: help setup apt control-plane unit e2e test lint bench cluster-up cluster-down demo clean image manifests e2e-kind
@@ -38,6 +43,11 @@ $(APT_STAMP): | $(STAMP)
 
 setup: $(STAMP) $(APT_STAMP) ## create .venv with the project and dev tools; apt packages when root
 
+$(IMAGE_STAMP): pyproject.toml | $(APT_STAMP)
+	$(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install -q -e '.[speed]'
+	touch $@
+
 control-plane: setup ## build (once, cached) kube-apiserver/controller-manager/scheduler v1.20.2
 	@if [ "$$(id -u)" = 0 ]; then scripts/build-control-plane.sh; \
 	else echo "not root: cannot build the control plane (e2e tests will be skipped)"; fi
@@ -57,11 +67,11 @@ lint: setup ## ruff, mypy --strict on agent/, import-linter layering contracts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-bench: control-plane ## run every benchmarks/bench_*.py (root); each prints a table to record in docs/benchmarks.md
+bench: control-plane $(IMAGE_STAMP) ## run every benchmarks/bench_*.py (root); each prints a table to record in docs/benchmarks.md
 	@for script in benchmarks/bench_*.py; do \
 	  module=benchmarks.$$(basename "$$script" .py); \
 	  echo "== $$module"; \
-	  $(VPY) -m "$$module"; \
+	  AMBIENT_BENCH_AGENT_PYTHON=$(CURDIR)/$(IMAGE_VENV)/bin/python $(VPY) -m "$$module"; \
 	done
 
 image: ## build the container image (local debootstrap base, buildah), run --help and unit tests in it (root)
@@ -82,5 +92,5 @@ demo: control-plane ## local cluster + CA + node agents; enrol a demo namespace,
 cluster-down: setup ## stop the local cluster and remove everything it created
 	$(VPY) -m tests.e2e.cluster down --state-dir $(CLUSTER_DIR)
 
-clean: cluster-down ## remove the local cluster and the virtualenv
-	rm -rf $(VENV)
+clean: cluster-down ## remove the local cluster and the virtualenvs
+	rm -rf $(VENV) $(IMAGE_VENV)

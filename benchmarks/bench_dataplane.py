@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 certificates=[ca.issue(spiffe_id("bench", hosted.name))],
                 workloads=workloads,
             )
-            agents.append(start_agent(cluster, node, config, env=agent_env))
+            agents.append(start_agent(cluster, node, config, env=agent_env, python=args.agent_python))
 
         with_haproxy = shutil.which("haproxy") is not None
         if with_haproxy:
@@ -403,6 +403,7 @@ def report(results: Sequence[PathResult], args: argparse.Namespace) -> str:
         f"command: {shlex.join(['python', '-m', 'benchmarks.bench_dataplane', *sys.argv[1:]])}",
         f"machine: {platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()},"
         f" Python {platform.python_version()}; agents' event loop: {args.event_loop}",
+        f"agents' interpreter: {args.agent_python} ({interpreter_version(args.agent_python)})",
         f"throughput: {args.bytes // 2**20} MiB per stream, median of {args.rounds};"
         f" request/response: {args.requests} x 1 KiB; new connections: {args.connections}",
         "",
@@ -444,6 +445,14 @@ def report(results: Sequence[PathResult], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def interpreter_version(python: str) -> str:
+    """`python`'s version and build, as `sys.version` puts them on one line."""
+    import subprocess
+
+    probe = [python, "-c", "import sys; print(' '.join(sys.version.split()))"]
+    return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dataplane", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -458,6 +467,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--attach", type=Path, metavar="STATE_DIR", help="use a running cluster (make cluster-up) instead"
+    )
+    parser.add_argument(
+        "--agent-python",
+        default=os.environ.get("AMBIENT_BENCH_AGENT_PYTHON", sys.executable),
+        help="the interpreter running the agents (default: env AMBIENT_BENCH_AGENT_PYTHON, else this"
+        " one); `make bench` passes the image's (Debian's python3, in .venv-image)",
     )
     server = commands.add_parser("serve", help="(inside a pod) the benchmark server")
     server.add_argument("--port", type=int, default=SERVER_PORT)

@@ -205,15 +205,20 @@ class Agent:
 
 
 def start_agent(
-    cluster: Cluster, node: NodeHandle, config: Path, *, env: Mapping[str, str] | None = None
+    cluster: Cluster,
+    node: NodeHandle,
+    config: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    python: str = "python",
 ) -> Agent:
-    """Runs `ambient-agent node` in `node`'s namespace; its log goes to the cluster's log directory,
-    one file per start (`agent-<node>-<n>.log`)."""
+    """Runs `ambient-agent node` in `node`'s namespace, on the project's interpreter or on `python`;
+    its log goes to the cluster's log directory, one file per start (`agent-<node>-<n>.log`)."""
     log_path = cluster.layout.log_dir / f"agent-{node.name}-{next(_starts)}.log"
     with open(log_path, "w") as log_file:
         process = cluster.spawn_in(
             node.netns,
-            ["python", "-m", "agent", "node", "--config", str(config), "--node-name", node.name],
+            [python, "-m", "agent", "node", "--config", str(config), "--node-name", node.name],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
