@@ -13,7 +13,8 @@ a new bytes object per TLS record.
 
 - received bytes are acknowledged (handed back to the peer's window) only once they are handed on,
   and are held, unacknowledged, while the relay does not want them (before the tunnel is joined, or
-  while the TCP side is congested), so a slow consumer slows the remote sender;
+  while the TCP side is congested), so a slow consumer slows the remote sender; the bytes a CONNECT
+  brought can be handed straight to the destination's socket before the relay joins (`send_held_to`);
 - bytes h2 holds back for lack of peer window, or a TLS transport above its high-water mark, make
   the stream report itself congested, which pauses the TCP side feeding it;
 - END_STREAM is TCP half-close, RST_STREAM is a TCP reset, both ways.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,6 +147,28 @@ class HboneStreamEnd:
         self._sent_end = False
         self._h2_blocked = False
         self._reported_congested = False
+
+    def send_held_to(self, sock: socket.socket) -> int:
+        """Sends the bytes received before the relay joined (a client's first bytes, which come with
+        its CONNECT) straight to `sock`, a connected non-blocking socket no transport owns yet, as far
+        as it takes them at once; returns how many it took. What it does not take stays held, for the
+        relay; a send that fails is left for the relay's end to find out."""
+        held = self._held
+        connection = self.driver.connection
+        sent_total = 0
+        while held:
+            data, length = held[0]
+            try:
+                sent = sock.send(data)
+            except OSError:
+                break
+            sent_total += sent
+            if sent < len(data):
+                held[0] = (data[sent:], length)  # its window is given back once it is all handed on
+                break
+            held.pop(0)
+            connection.acknowledge_received_data(self.stream_id, length)
+        return sent_total
 
     # RelayEnd
 

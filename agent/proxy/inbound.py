@@ -7,7 +7,8 @@ client must present a certificate chaining to the trust bundle, naming a workloa
 mesh's trust domain. Each CONNECT is then checked: the target must be a local enrolled workload
 with the identity this connection was served as (else 503), authorization must allow the client's
 identity (else 401), and the upstream connection must succeed (else 503); only then is it answered
-200 and relayed.
+200 and relayed. The client's first bytes, when they came with the CONNECT, are handed to the pod as
+soon as it took the connection, before the answer is written: the pod works on them meanwhile.
 
 The client's IP: a tunnel's `forwarded` header names the original client. It is trusted only when
 the snapshot says that IP is a workload with the identity the client authenticated as; then it is
@@ -207,7 +208,9 @@ class InboundProxy:
             driver.refuse(stream, upstream.reason)
             self._sessions.refused([leg()], upstream.flag, upstream.detail, accepted_at)
             return
-        # The pod took the connection: answer now, and wrap the socket while the answer travels.
+        # The pod took the connection: it gets the client's first bytes now, then the answer is
+        # written and the socket wrapped while the pod works on them.
+        early_sent = stream.send_held_to(upstream)
         if not driver.accept(stream):
             reset(upstream)
             detail = "the client reset the tunnel before it was accepted"
@@ -228,6 +231,7 @@ class InboundProxy:
             self._sessions.refused([leg()], ResponseFlag.DOWNSTREAM_TERMINATED, detail, accepted_at)
             return
         relay = self._sessions.begin([leg()], InboundAuthorization(destination, connection))
+        relay.count_sent_before_join(early_sent)
         stream.relay = upstream_end.relay = relay
         relay.join(stream, upstream_end)
 

@@ -1,16 +1,24 @@
 """What the client driver writes when it opens a tunnel (the CONNECT, and the client's first bytes
-with it, in one write: the destination holds them until it accepts), and how a tunnel's chunks
-take the connection's shortcuts: one DATA frame read whole, one written at once."""
+with it, in one write: the destination holds them until it accepts, or hands them to the pod's socket
+itself), and how a tunnel's chunks take the connection's shortcuts: one DATA frame read whole, one
+written at once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent.hbone import DataReceived, HboneServerConnection, HboneSettings, TunnelRequested
+from agent.hbone import (
+    DataReceived,
+    HboneClientConnection,
+    HboneServerConnection,
+    HboneSettings,
+    TunnelRequested,
+)
 from agent.identity.spiffe import SpiffeId
-from agent.proxy.hbone_driver import HboneClientDriver, HboneStreamEnd
+from agent.proxy.hbone_driver import HboneClientDriver, HboneDriver, HboneServerDriver, HboneStreamEnd
 from agent.proxy.relay import Relay
 from tests.unit.hbone.wire import CLIENT, TARGET
 
@@ -66,7 +74,7 @@ async def test_without_early_bytes_the_connect_leaves_alone() -> None:
     assert server.receive_data(written) == [TunnelRequested(stream.stream_id, TARGET, CLIENT)]
 
 
-def receive(driver: HboneClientDriver, data: bytes) -> None:
+def receive(driver: HboneDriver, data: bytes) -> None:
     """Hands `data` to the driver as one read of its transport."""
     driver.get_buffer(len(data))[: len(data)] = data
     driver.buffer_updated(len(data))
@@ -146,3 +154,101 @@ async def test_what_a_read_causes_is_written_once_the_read_is_dispatched() -> No
         DataReceived(stream.stream_id, b"one", 3),
         DataReceived(stream.stream_id, b"two", 3),
     ]
+
+
+# The destination: a CONNECT's first bytes straight to the pod's socket
+
+
+class RecordingRelay(Relay):
+    """Keeps what the tunnel hands on."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda outcome: None)
+        self.received_bytes = bytearray()
+
+    def received(self, data: bytes, *, from_downstream: bool) -> None:
+        self.received_bytes += data
+
+
+def requested_with(first_bytes: bytes) -> tuple[HboneStreamEnd, HboneServerDriver]:
+    """A server driver that took a CONNECT with `first_bytes` right behind it in the same read."""
+    requested: list[HboneStreamEnd] = []
+    driver = HboneServerDriver(
+        HboneSettings(),
+        served_identity=SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/echo"),
+        trust_domain="cluster.local",
+        on_tunnel=lambda driver, stream, request: requested.append(stream),
+        on_malformed=lambda driver, event: None,
+        keepalive_interval_s=60,
+    )
+    driver.transport = RecordingTransport()  # type: ignore[assignment]  # the handshake is not what is tested
+    driver.flush()
+    client = HboneClientConnection()
+    stream_id = client.open_tunnel(TARGET, CLIENT)
+    client.send_data(stream_id, first_bytes)
+    receive(driver, client.data_to_send())
+    [stream] = requested
+    return stream, driver
+
+
+@pytest.fixture
+def pod_socket() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """The agent's (non-blocking) end of a connection to a pod, and the pod's end."""
+    agent_end, pod_end = socket.socketpair()
+    agent_end.setblocking(False)
+    yield agent_end, pod_end
+    agent_end.close()
+    pod_end.close()
+
+
+def read_all_now(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    received = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(received)
+        received += chunk
+
+
+async def test_a_connects_first_bytes_go_to_the_pod_and_are_not_relayed_again(
+    pod_socket: tuple[socket.socket, socket.socket],
+) -> None:
+    agent_end, pod_end = pod_socket
+    stream, driver = requested_with(b"GET / HTTP/1.1\r\n\r\n")
+    assert stream.send_held_to(agent_end) == len(b"GET / HTTP/1.1\r\n\r\n")
+    assert read_all_now(pod_end) == b"GET / HTTP/1.1\r\n\r\n"
+    relay = RecordingRelay()
+    stream.relay = relay
+    stream.resume_receiving()
+    assert relay.received_bytes == b""
+    assert driver.hbone._unacknowledged == {}  # the window is given back: the bytes were handed on
+
+
+async def test_first_bytes_the_pod_socket_does_not_take_at_once_stay_for_the_relay(
+    pod_socket: tuple[socket.socket, socket.socket],
+) -> None:
+    agent_end, pod_end = pod_socket
+    agent_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    first_bytes = bytes(range(256)) * 192  # 48 KiB (within the initial window), beyond a small send buffer
+    stream, _ = requested_with(first_bytes)
+    sent = stream.send_held_to(agent_end)
+    assert 0 < sent < len(first_bytes)
+    relay = RecordingRelay()
+    stream.relay = relay
+    stream.resume_receiving()
+    assert read_all_now(pod_end) + relay.received_bytes == first_bytes
+
+
+async def test_first_bytes_a_failing_send_did_not_take_stay_for_the_relay(
+    pod_socket: tuple[socket.socket, socket.socket],
+) -> None:
+    agent_end, _ = pod_socket
+    agent_end.shutdown(socket.SHUT_WR)  # every send now fails
+    stream, _ = requested_with(b"hello")
+    assert stream.send_held_to(agent_end) == 0
+    relay = RecordingRelay()
+    stream.relay = relay
+    stream.resume_receiving()
+    assert relay.received_bytes == b"hello"
