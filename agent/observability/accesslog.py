@@ -140,15 +140,14 @@ class AccessLog:
         self._output = output
 
     def write_all(self, records: Sequence[AccessRecord]) -> None:
-        """Writes `records` in order (to an output, in one write)."""
-        log_format = self._format
-        if not records:
+        """Writes `records` in order (to an output, in one write), unless the access logger's level
+        is above INFO."""
+        logger = self._logger
+        if not records or not logger.isEnabledFor(logging.INFO):
             return
+        log_format = self._format
         if self._output is not None:
             self._output([record.format(log_format) for record in records])
-            return
-        logger = self._logger
-        if not logger.isEnabledFor(logging.INFO):
             return
         for record in records:
             line = record.format(log_format)

@@ -70,9 +70,11 @@ def test_access_records_are_info_records_made_by_the_access_log(caplog: pytest.L
 
 
 def test_access_log_respects_the_logger_level(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[list[str]] = []
     with caplog.at_level(logging.WARNING, logger=ACCESS_LOGGER):
         AccessLog("text").write_all([record()])
-    assert caplog.records == []
+        AccessLog("text", output=lambda lines: calls.append(list(lines))).write_all([record()])
+    assert (caplog.records, calls) == ([], [])
 
 
 def test_records_go_to_an_output_in_one_call_in_order_and_not_to_the_logger(
