@@ -177,9 +177,14 @@ def test_labelling_a_namespace_enrols_its_running_pods_and_removing_the_label_re
     tunnelled = mtls_opened(mesh, client, server)
     assert reaches(cluster, client, server.ip)
     assert eventually(lambda: mtls_opened(mesh, client, server) == tunnelled + 1, 5)
-    # The destination's agent logs who talked to whom, by verified identity.
-    access = list(agent_log_lines(mesh.agent(node2), f"spiffe://{principal(SHOP, 'client')}"))
-    assert any(f"spiffe://{principal(SHOP, 'server')}" in line for line in access), access
+    # The destination's agent logs who talked to whom, by verified identity (once the connection's
+    # report is due, a moment after it closed).
+    client_identity, server_identity = (f"spiffe://{principal(SHOP, name)}" for name in ("client", "server"))
+
+    def access() -> list[str]:
+        return list(agent_log_lines(mesh.agent(node2), client_identity))
+
+    assert eventually(lambda: any(server_identity in line for line in access()), 5), access()
 
     # A pod that asks for enrolment (by its namespace) but can never have it is told why.
     assert redirection(cluster, pods.host_network) is None
