@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -e '.[dev,speed]'
 	touch $@
 
-$(APT_STAMP): | $(STAMP)
+$(APT_STAMP): Makefile | $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	  command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
