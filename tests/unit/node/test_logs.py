@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from agent.node import logs
 from agent.node.logs import configure_logging
 from agent.observability.accesslog import ACCESS_LOGGER, LogFormat
 
@@ -82,7 +82,7 @@ def test_access_output_frames_lines_as_the_access_logger_would_in_one_write(
 ) -> None:
     stream = CountingStream()
     write_access_lines = configure_logging("warning", log_format, stream)
-    monkeypatch.setattr(logs.time, "time", lambda: 1_764_126_000.0456)
+    monkeypatch.setattr(time, "time", lambda: 1_764_126_000.0456)
     messages = ['{"message":"connection complete","n":1}', '{"message":"connection complete","n":2}']
     write_access_lines(messages)
     assert (stream.writes, stream.flushes) == (1, 1)
@@ -97,7 +97,7 @@ def test_access_output_frames_lines_as_the_access_logger_would_in_one_write(
 def test_text_access_lines_carry_the_time_in_milliseconds(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
     write_access_lines = configure_logging("warning", "text", stream)
-    monkeypatch.setattr(logs.time, "time", lambda: 1_764_126_000.0456)
+    monkeypatch.setattr(time, "time", lambda: 1_764_126_000.0456)
     write_access_lines(["direction=outbound"])
     (line,) = stream.getvalue().splitlines()
     assert line.endswith(",045 INFO ambient_agent.access: direction=outbound")
