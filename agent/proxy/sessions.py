@@ -160,9 +160,9 @@ class Sessions:
         for report in unreported:
             match report:
                 case _Finished():
-                    self._report_finished(report, records)
+                    records += self._report_finished(report)
                 case _Refused():
-                    self._report_refused(report, records)
+                    records += self._report_refused(report)
                 case _:
                     assert_never(report)
         self._access_log.write_all(records)
@@ -179,8 +179,10 @@ class Sessions:
             loop = asyncio.get_running_loop()
             self._report_timer = loop.call_later(REPORT_DELAY_S, self.report_pending)
 
-    def _report_finished(self, report: _Finished, records: list[AccessRecord]) -> None:
+    def _report_finished(self, report: _Finished) -> list[AccessRecord]:
+        """Counts a finished connection's legs as closed; their access records."""
         session = report.session
+        records = []
         for leg, tracked in zip(session.legs, session.tracked, strict=True):
             self._metrics.tcp.closed(tracked)
             records.append(
@@ -193,8 +195,11 @@ class Sessions:
                     now=report.ended_at,
                 )
             )
+        return records
 
-    def _report_refused(self, report: _Refused, records: list[AccessRecord]) -> None:
+    def _report_refused(self, report: _Refused) -> list[AccessRecord]:
+        """Counts a refused connection's legs as failed; their access records."""
+        records = []
         for leg in report.legs:
             labels = failed_labels(leg.labels, report.flag)
             self._metrics.tcp.failed(labels)
@@ -211,3 +216,4 @@ class Sessions:
                     error=report.error,
                 )
             )
+        return records
