@@ -28,9 +28,12 @@ HEADERS frame (the header block is stateless, `header_block`) or the empty END_S
 feeds h2's connection and stream state machines the inputs h2's `send_headers` and `end_stream`
 feed them; receiving, a whole HEADERS frame (END_HEADERS only, no header block in progress) whose
 block `header_block.decode` reads, on a tracked stream open for receiving or as a new request
-within the stream limit, and an empty DATA frame with END_STREAM on a tracked stream, are handed
-to h2's own stream methods (`receive_headers`, `receive_data`) as h2's frame handlers would hand
-them. Anything else goes through h2 as a frame.
+within the stream limit, and an empty DATA frame with END_STREAM on a tracked stream, drive h2's
+stream state machine as h2's own `receive_headers` and `receive_data` would drive it, less what
+this side's configuration makes idle there (header validation, normalization and decoding; a
+content-length check of zero bytes; an event for no bytes). Anything else goes through h2 as a
+frame. h2's connection state machine is fed a stream's frames only while it could still change
+(see `_CLIENT_OPEN`).
 
 h2 stays the single owner of stream states and windows; the fast path only reads them, consumes
 window the way h2's own DATA handling does and drives h2's state machines with the inputs h2's own
@@ -52,7 +55,7 @@ from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream, StreamInputs, StreamState
-from h2.utilities import authority_from_headers, extract_method_header
+from h2.utilities import authority_from_headers, extract_method_header, is_informational_response
 from h2.windows import WindowManager
 from hpack import Encoder
 from hpack.table import HeaderTable
@@ -117,6 +120,12 @@ _OPEN = StreamState.OPEN
 _HALF_CLOSED_LOCAL = StreamState.HALF_CLOSED_LOCAL
 """With OPEN, the states in which h2 accepts a DATA frame (any other is an error h2 reports)."""
 
+_CLIENT_OPEN = ConnectionState.CLIENT_OPEN
+_SERVER_OPEN = ConnectionState.SERVER_OPEN
+"""The states in which h2's connection state machine takes a stream's HEADERS and DATA, sent or
+received, as they are: no action, no event, the same state (its transition table). Feeding it those
+inputs then changes nothing, and costs three Python calls (the table is keyed by enum pairs)."""
+
 
 def _h2_internals_present() -> bool:
     """Whether h2 has the internals the fast path uses (checked once, on a real connection).
@@ -128,8 +137,9 @@ def _h2_internals_present() -> bool:
     checks against a content-length) and `state_machine` (`state`, `headers_received`,
     `trailers_sent`); and `_data_to_send`, the buffer `data_to_send` empties, to skip that call (a
     copy and a new buffer) when h2 queued nothing. For HEADERS and END_STREAM it uses what
-    `send_headers`, `end_stream` and `_receive_headers_frame` use: `_get_or_create_stream`, the
-    stream's `_authority` and `request_method`, and the decoder's `header_table`. If an h2 release
+    `send_headers`, `end_stream`, `_receive_headers_frame` and `H2Stream.receive_headers` use:
+    `_get_or_create_stream`, the stream's `_authority`, `request_method` and
+    `_initialize_content_length`, and the decoder's `header_table`. If an h2 release
     renamed them, the fast path stays off and every frame goes through h2.
     """
     h2 = H2Connection(H2Configuration(client_side=True))
@@ -147,6 +157,7 @@ def _h2_internals_present() -> bool:
             and not stream.state_machine.trailers_sent
             and stream._authority == b"probe:1"
             and stream.request_method == b"CONNECT"
+            and callable(stream._initialize_content_length)
             and h2._get_or_create_stream(1, AllowedStreamIDs.ODD) is stream
             and isinstance(h2.decoder.header_table, HeaderTable)
             and isinstance(h2.decoder.max_header_list_size, int)
@@ -275,6 +286,10 @@ class HboneConnection:
         self._h2.initiate_connection()
         if settings.connection_window > HTTP2_MIN_WINDOW:
             self._h2.increment_flow_control_window(settings.connection_window - HTTP2_MIN_WINDOW)
+        self._client_side = client_side
+        self._own_stream_ids = AllowedStreamIDs(client_side)
+        self._peer_stream_ids = AllowedStreamIDs(not client_side)
+        """h2's parity arguments for streams this side opens and the peer opens."""
         self._streams: dict[int, _Stream] = {}
         self._sinks: dict[int, DataSink] = {}
         """Streams whose bytes go to a sink instead of `DataReceived` events (`deliver_to`)."""
@@ -667,13 +682,12 @@ class HboneConnection:
         if the stream is tracked and open for receiving, or (server) a new request within the
         stream limit, and `header_block` reads the block; False (nothing done) otherwise."""
         h2 = self._h2
-        client_side = h2.config.client_side
         tracked = self._streams.get(stream_id)
         if tracked is not None:
             state = tracked.h2_stream.state_machine.state
             if state is not _OPEN and state is not _HALF_CLOSED_LOCAL:
                 return False
-        elif client_side or stream_id % 2 != 1 or stream_id <= h2.highest_inbound_stream_id:
+        elif self._client_side or stream_id % 2 != 1 or stream_id <= h2.highest_inbound_stream_id:
             return False  # not a new request: h2 knows what to make of it
         decoder = h2.decoder
         headers = header_block.decode(block, decoder.header_table, decoder.max_header_list_size)
@@ -683,14 +697,30 @@ class HboneConnection:
         if tracked is None and h2.open_inbound_streams + 1 > h2.local_settings.max_concurrent_streams:
             return False
         try:
-            events = h2.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
-            stream = h2._get_or_create_stream(stream_id, AllowedStreamIDs(not client_side))
-            _, stream_events = stream.receive_headers(headers, False, h2.config.header_encoding)
+            self._connection_input(ConnectionInputs.RECV_HEADERS)
+            stream = h2._get_or_create_stream(stream_id, self._peer_stream_ids)
+            events = self._stream_receives_headers(stream, headers)
         except ProtocolError as error:  # h2 would end the connection the same way
             emit(self._fail(ErrorCode.from_wire(int(error.error_code)), str(error) or type(error).__name__))
             return True
-        self._handle_h2_events(events + stream_events, emit)
+        self._handle_h2_events(events, emit)
         return True
+
+    @staticmethod
+    def _stream_receives_headers(stream: H2Stream, headers: list[header_block.Header]) -> list[h2e.Event]:
+        """What h2's `H2Stream.receive_headers` does with a header block without END_STREAM, given
+        this side's configuration: h2 neither validates nor normalizes received headers, nor decodes
+        them (`__init__`), so its validation flags go unused and the event carries the block as it is.
+        An informational answer takes h2's own path."""
+        if is_informational_response(headers):
+            return stream.receive_headers(headers, False, None)[1]
+        events: list[h2e.Event] = stream.state_machine.process_input(StreamInputs.RECV_HEADERS)
+        stream._initialize_content_length(headers)
+        headers_event = events[0]
+        if isinstance(headers_event, h2e.TrailersReceived):
+            raise ProtocolError("Trailers must have END_STREAM set")
+        headers_event.headers = headers  # type: ignore[attr-defined]
+        return events
 
     def _receive_end_stream(self, stream_id: int, emit: Emit) -> bool:
         """What h2's `_receive_data_frame` does with an empty DATA frame carrying END_STREAM, if the
@@ -699,10 +729,11 @@ class HboneConnection:
         stream = self._receiving_data_as_is(stream_id)
         if stream is None:
             return False
-        # No window to consume: the frame carries no bytes.
-        events = self._h2.state_machine.process_input(ConnectionInputs.RECV_DATA)
-        _, stream_events = stream.receive_data(b"", True, 0)
-        self._handle_h2_events(events + stream_events, emit)
+        # What h2's `H2Stream.receive_data(b"", True, 0)` does on such a stream, less its empty
+        # DataReceived event (which `_on_data` ignores): no window to consume, no content-length
+        # to check, and a DATA frame changes neither state.
+        self._connection_input(ConnectionInputs.RECV_DATA)
+        self._handle_h2_events(stream.state_machine.process_input(StreamInputs.RECV_END_STREAM), emit)
         return True
 
     def _receive_by_h2(self, data: bytes | memoryview, emit: Emit) -> None:
@@ -841,8 +872,8 @@ class HboneConnection:
             limit = h2.remote_settings.max_concurrent_streams
             if open_streams + 1 > limit:
                 raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_streams} open")
-        h2.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
-        stream = h2._get_or_create_stream(stream_id, AllowedStreamIDs(h2.config.client_side))
+        self._connection_input(ConnectionInputs.SEND_HEADERS)
+        stream = h2._get_or_create_stream(stream_id, self._own_stream_ids)
         machine = stream.state_machine
         machine.process_input(StreamInputs.SEND_HEADERS)
         block = h2.encoder.encode(headers)
@@ -863,9 +894,17 @@ class HboneConnection:
         if not self._passing_h2:
             h2.end_stream(h2_stream.stream_id)
             return
-        h2.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        self._connection_input(ConnectionInputs.SEND_DATA)
         h2_stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
         self._send_past_h2(FRAME_HEADER.pack(0, 0, _DATA, _END_STREAM, h2_stream.stream_id))
+
+    def _connection_input(self, stream_input: ConnectionInputs) -> None:
+        """Feeds h2's connection state machine a stream's HEADERS or DATA input, unless the
+        connection is open (see `_CLIENT_OPEN`); it never answers these with an event."""
+        machine = self._h2.state_machine
+        state = machine.state
+        if state is not _CLIENT_OPEN and state is not _SERVER_OPEN:
+            machine.process_input(stream_input)
 
     def _send_past_h2(self, data: bytes) -> None:
         """Queues bytes h2 does not produce, after everything h2 queued so far."""

@@ -319,9 +319,11 @@ def test_data_before_the_answer_is_a_protocol_error_for_the_client() -> None:
     assert [type(e) for e in events] == [ConnectionFailed]
 
 
-def test_data_on_a_tunnel_with_a_content_length_is_checked_by_h2() -> None:
+@pytest.mark.parametrize("plain", [False, True], ids=["hpack", "plain"])
+def test_data_on_a_tunnel_with_a_content_length_is_checked_by_h2(plain: bool) -> None:
     twins, peer = server_twins_with_open_tunnels()
-    twins.feed(peer.headers(1, [*CONNECT, (b"content-length", b"5")], end_stream=False, split=False))
+    request = [*CONNECT, (b"content-length", b"5")]
+    twins.feed(peer.headers(1, request, end_stream=False, split=False, plain=plain))
     twins.call(lambda c: c.accept(1))
     twins.feed(data_frame(1, 3))
     twins.feed(data_frame(1, 3))
@@ -600,6 +602,21 @@ def test_a_tunnels_headers_and_end_stream_pass_h2s_codec_by() -> None:
     assert [type(e) for e in client_events if not isinstance(e, DataReceived)] == [PeerHalfClosed]
     assert (wire.client.open_stream_count, wire.server.open_stream_count) == (1, 1)  # `first` is open
     assert first != stream_id
+
+
+@pytest.mark.parametrize("answer", ANSWERS, ids=lambda answer: b" ".join(v for _, v in answer).decode())
+def test_an_answer_read_past_hpack_is_taken_as_h2_takes_it(answer: list[tuple[bytes, bytes]]) -> None:
+    # Informational answers, a body length the DATA then breaks, errors: then the tunnel's bytes.
+    twins = Twins.of(lambda: HboneClientConnection(SMALL))
+    twins.feed(SettingsFrame(0).serialize())
+    twins.call(lambda c: c.open_tunnel(TARGET, CLIENT))
+    twins.outputs()
+    peer = Peer()
+    twins.feed(peer.headers(STREAMS[0], answer, end_stream=False, split=False, plain=True))
+    twins.outputs()
+    for frame in (data_frame(STREAMS[0], 3), data_frame(STREAMS[0], 0, end_stream=True)):
+        twins.feed(frame)
+        twins.outputs()
 
 
 def test_a_request_beyond_the_stream_limit_fails_as_h2_fails_it() -> None:
