@@ -10,7 +10,9 @@ import pytest
 from agent.proxy.tasks import OwnedTasks
 
 
-async def test_a_failed_task_is_logged_with_its_name_and_what_it_served() -> None:
+async def test_a_failed_task_is_logged_with_its_name_and_what_it_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     tasks = OwnedTasks("data plane")
     described: list[str] = []
 
@@ -24,21 +26,14 @@ async def test_a_failed_task_is_logged_with_its_name_and_what_it_served() -> Non
     async def succeeds() -> None:
         return None
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("agent.proxy.tasks")
-    logger.addHandler(handler)
-    try:
+    with caplog.at_level(logging.ERROR, logger="agent.proxy.tasks"):
         tasks.spawn(succeeds(), "outbound", detail=detail)
         tasks.spawn(fails(), "inbound tunnel", detail=detail)
         assert len(tasks) == 2
         assert await tasks.wait(5)
-    finally:
-        logger.removeHandler(handler)
     assert len(tasks) == 0
     assert described == ["asked"]  # built for the failure only
-    [record] = records
+    [record] = caplog.records
     assert record.getMessage() == "data plane: task 'inbound tunnel (10.0.1.5:4321 -> 10.0.2.7:80)' failed"
     assert record.exc_info is not None
 
