@@ -94,8 +94,8 @@ class OutboundProxy:
             case Passthrough() | LoadBalanced():
                 await self._direct(downstream, client, decision.target, leg=leg(), accepted_at=accepted_at)
             case Tunnel():
-                target = Address(str(decision.target.ip), decision.target.port)
                 if decision.same_node:
+                    target = Address(str(decision.target.ip), decision.target.port)
                     await self._inbound.deliver_local(
                         downstream, client, target, decision.source_identity, leg()
                     )
