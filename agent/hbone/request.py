@@ -179,6 +179,15 @@ def parse_forwarded_for(value: str) -> SocketAddress | None:
     """The `for` node of the first element of a `forwarded` value (the hop nearest the original
     client, RFC 7239 section 4), which HBONE requires to be `ip:port`; None if the value is not
     well formed, has no `for`, repeats a parameter, or its `for` is not an ip:port."""
+    if value.startswith('for="') and value.endswith('"') and value.count('"') == 2 and "\\" not in value:
+        # What HBONE clients send (`format_forwarded_for`): one quoted node without quoted pairs,
+        # read as the general grammar reads it, without a regular expression per CONNECT.
+        return SocketAddress.parse(value[5:-1])
+    return _parse_forwarded_pairs(value)
+
+
+def _parse_forwarded_pairs(value: str) -> SocketAddress | None:
+    """`parse_forwarded_for` by RFC 7239's grammar, for any value."""
     seen: set[str] = set()
     node: str | None = None
     position = 0

@@ -13,6 +13,7 @@ from agent.hbone.request import (
     Header,
     MalformedRequest,
     SocketAddress,
+    _parse_forwarded_pairs,
     connect_request_headers,
     format_forwarded_for,
     parse_connect_request,
@@ -233,6 +234,20 @@ def test_validation_never_raises_on_arbitrary_headers(headers: list[Header]) -> 
 def test_forwarded_parsing_never_raises(value: str) -> None:
     result = parse_forwarded_for(value)
     assert result is None or isinstance(result, SocketAddress)
+
+
+_FORWARDED_TEXT = st.text(alphabet='for=";,\\ []:.0123456789abcdef', max_size=30)
+
+
+@given(
+    st.one_of(
+        st.builds(SocketAddress, st.ip_addresses(), st.integers(1, 65535)).map(format_forwarded_for),
+        _FORWARDED_TEXT.map(lambda node: f'for="{node}"'),
+        _FORWARDED_TEXT,
+    )
+)
+def test_the_common_forwarded_form_reads_as_the_general_grammar_reads_it(value: str) -> None:
+    assert parse_forwarded_for(value) == _parse_forwarded_pairs(value)
 
 
 @pytest.mark.parametrize(
