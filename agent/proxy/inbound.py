@@ -37,6 +37,7 @@ from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable, TlsContexts
 from agent.proxy.hbone_driver import HboneServerDriver, HboneStreamEnd
 from agent.proxy.labels import (
+    LabelCache,
     ResponseFlag,
     hbone_inbound_labels,
     inbound_refusal_flag,
@@ -97,6 +98,7 @@ class InboundProxy:
         self.connections: set[HboneServerDriver] = set()
         """The HBONE connections being served."""
         self._draining = False
+        self._labels = LabelCache()
 
     # HBONE (15008)
 
@@ -184,7 +186,9 @@ class InboundProxy:
         def leg() -> Leg:
             # Built once the answer is on its way (or for a refusal's record): not on the path of a
             # new connection's first bytes.
-            labels = hbone_inbound_labels(source, peer_identity, destination, destination_identity)
+            labels = self._labels.hbone_inbound(
+                snapshot, source, peer_identity, destination, destination_identity
+            )
             return Leg("inbound", labels, str(client) if client is not None else str(peer), str(target))
 
         if destination is None or destination_identity != str(driver.served_identity):

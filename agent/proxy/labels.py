@@ -3,7 +3,8 @@
 Pure functions of the decision and the snapshot's values, one per place a connection is reported:
 outbound (reporter `source`) for each routing decision, and inbound (reporter `destination`) over
 HBONE, in plaintext and for same-node deliveries; plus the response flag each kind of failure stands
-for. Values follow Istio's semantics as ztunnel reports them:
+for, and `LabelCache`, which builds the set of HBONE connections between the same workloads once.
+Values follow Istio's semantics as ztunnel reports them:
 
 - `connection_security_policy` is `mutual_tls` for every leg on the HBONE path (a tunnel, a same-node
   delivery, anything arriving on the HBONE port, whether it got through or not) and `unknown` for
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import assert_never
+from typing import TypeVar, assert_never
 
 from agent.hbone import RefusalReason, TunnelFailure
 from agent.observability.metrics import PeerLabels, ServiceLabels, TcpLabels
@@ -39,6 +40,8 @@ from agent.state import (
     Tunnel,
     Workload,
 )
+
+_Key = TypeVar("_Key", bound=tuple[object, ...])
 
 CLUSTER_DOMAIN = "cluster.local"
 """DNS domain of service host names in metrics (`name.namespace.svc.cluster.local`)."""
@@ -104,13 +107,7 @@ def outbound_labels(
     `decision` routes; a refused one still names what was addressed."""
     match decision:
         case Tunnel():
-            return TcpLabels(
-                "source",
-                peer_labels(decision.source, decision.source_identity),
-                peer_labels(decision.destination, decision.destination_identity),
-                service_labels(decision.service),
-                security_policy="mutual_tls",
-            )
+            return tunnel_labels(decision)
         case LoadBalanced():
             return TcpLabels(
                 "source",
@@ -127,6 +124,17 @@ def outbound_labels(
             )
         case _:
             assert_never(decision)
+
+
+def tunnel_labels(tunnel: Tunnel) -> TcpLabels:
+    """The source side's labels of a connection carried over HBONE."""
+    return TcpLabels(
+        "source",
+        peer_labels(tunnel.source, tunnel.source_identity),
+        peer_labels(tunnel.destination, tunnel.destination_identity),
+        service_labels(tunnel.service),
+        security_policy="mutual_tls",
+    )
 
 
 _OUTBOUND_REFUSAL_FLAGS = {
@@ -189,6 +197,72 @@ def inbound_refusal_flag(reason: RefusalReason) -> ResponseFlag:
     """The flag of an inbound connection refused for `reason` (also when it came in plaintext or from
     this node, where no HTTP status is sent)."""
     return _INBOUND_REFUSAL_FLAGS[reason]
+
+
+# Reuse
+
+MAX_CACHED_LABEL_SETS = 4096
+"""Label sets a `LabelCache` keeps per kind for one snapshot before it starts over."""
+
+
+class LabelCache:
+    """The label sets of HBONE connections, built once per pair of workloads and snapshot.
+
+    A node's connections mostly join the same few pairs of workloads, and building a set (both
+    workloads' names and labels looked up, three dataclasses made, the whole set hashed) costs more
+    per connection than looking one up. Sets are keyed by the identities of the snapshot's objects
+    they are built from, which hold only while that snapshot lives: the cache keeps the snapshot it
+    was filled from and starts over for another one, or once it holds `max_entries` of a kind.
+    """
+
+    def __init__(self, max_entries: int = MAX_CACHED_LABEL_SETS) -> None:
+        self._max_entries = max_entries
+        self._snapshot: Snapshot | None = None
+        self._tunnels: dict[tuple[int, int, int], TcpLabels] = {}
+        self._hbone_inbound: dict[tuple[int, str, int, str], TcpLabels] = {}
+
+    def __len__(self) -> int:
+        """How many label sets are kept."""
+        return len(self._tunnels) + len(self._hbone_inbound)
+
+    def tunnel(self, snapshot: Snapshot, tunnel: Tunnel) -> TcpLabels:
+        """`tunnel_labels(tunnel)`, for a tunnel `snapshot` decided."""
+        self._use(snapshot)
+        key = (id(tunnel.source), id(tunnel.destination), id(tunnel.service))
+        labels = self._tunnels.get(key)
+        if labels is None:
+            labels = tunnel_labels(tunnel)
+            _keep(self._tunnels, key, labels, self._max_entries)
+        return labels
+
+    def hbone_inbound(
+        self,
+        snapshot: Snapshot,
+        source: Workload | None,
+        source_identity: str,
+        destination: Workload | None,
+        destination_identity: str,
+    ) -> TcpLabels:
+        """`hbone_inbound_labels` of workloads of `snapshot` (or None)."""
+        self._use(snapshot)
+        key = (id(source), source_identity, id(destination), destination_identity)
+        labels = self._hbone_inbound.get(key)
+        if labels is None:
+            labels = hbone_inbound_labels(source, source_identity, destination, destination_identity)
+            _keep(self._hbone_inbound, key, labels, self._max_entries)
+        return labels
+
+    def _use(self, snapshot: Snapshot) -> None:
+        if snapshot is not self._snapshot:
+            self._snapshot = snapshot
+            self._tunnels.clear()
+            self._hbone_inbound.clear()
+
+
+def _keep(cache: dict[_Key, TcpLabels], key: _Key, labels: TcpLabels, max_entries: int) -> None:
+    if len(cache) >= max_entries:
+        cache.clear()
+    cache[key] = labels
 
 
 # Failures

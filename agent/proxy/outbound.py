@@ -22,7 +22,13 @@ from agent.hbone import SocketAddress
 from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable
 from agent.proxy.inbound import InboundProxy
-from agent.proxy.labels import ResponseFlag, declined_tunnel_flag, outbound_labels, outbound_refusal_flag
+from agent.proxy.labels import (
+    LabelCache,
+    ResponseFlag,
+    declined_tunnel_flag,
+    outbound_labels,
+    outbound_refusal_flag,
+)
 from agent.proxy.pool import HbonePool, PoolKey, TunnelNotOpened
 from agent.proxy.relay import TcpEnd, connect_tcp_end
 from agent.proxy.sessions import Leg, Sessions
@@ -64,6 +70,7 @@ class OutboundProxy:
         self._inbound = inbound
         self._sessions = sessions
         self._pick = pick
+        self._labels = LabelCache()
 
     async def serve(self, downstream: TcpEnd, client: Address, original_destination: Address) -> None:
         """Serves one captured connection from `client` that was going to `original_destination`
@@ -84,7 +91,10 @@ class OutboundProxy:
         decision = decide_outbound(snapshot, client_ip, original, pick=self._pick)
 
         def leg() -> Leg:
-            labels = outbound_labels(decision, snapshot, client_ip, original)
+            if isinstance(decision, Tunnel):
+                labels = self._labels.tunnel(snapshot, decision)
+            else:
+                labels = outbound_labels(decision, snapshot, client_ip, original)
             return Leg("outbound", labels, str(client), str(destination))
 
         match decision:
