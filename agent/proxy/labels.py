@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TypeVar, assert_never
+from typing import assert_never
 
 from agent.hbone import RefusalReason, TunnelFailure
 from agent.observability.metrics import PeerLabels, ServiceLabels, TcpLabels
+from agent.proxy.memo import MAX_ENTRIES, SnapshotMemo
 from agent.state import (
     Address,
     IPAddress,
@@ -40,8 +41,6 @@ from agent.state import (
     Tunnel,
     Workload,
 )
-
-_Key = TypeVar("_Key", bound=tuple[object, ...])
 
 CLUSTER_DOMAIN = "cluster.local"
 """DNS domain of service host names in metrics (`name.namespace.svc.cluster.local`)."""
@@ -201,25 +200,19 @@ def inbound_refusal_flag(reason: RefusalReason) -> ResponseFlag:
 
 # Reuse
 
-MAX_CACHED_LABEL_SETS = 4096
-"""Label sets a `LabelCache` keeps per kind for one snapshot before it starts over."""
-
 
 class LabelCache:
     """The label sets of HBONE connections, built once per pair of workloads and snapshot.
 
     A node's connections mostly join the same few pairs of workloads, and building a set (both
     workloads' names and labels looked up, three dataclasses made, the whole set hashed) costs more
-    per connection than looking one up. Sets are keyed by the identities of the snapshot's objects
-    they are built from, which hold only while that snapshot lives: the cache keeps the snapshot it
-    was filled from and starts over for another one, or once it holds `max_entries` of a kind.
+    per connection than looking one up. Sets are keyed by the snapshot's objects they are built
+    from, by identity (see `SnapshotMemo`).
     """
 
-    def __init__(self, max_entries: int = MAX_CACHED_LABEL_SETS) -> None:
-        self._max_entries = max_entries
-        self._snapshot: Snapshot | None = None
-        self._tunnels: dict[tuple[int, int, int], TcpLabels] = {}
-        self._hbone_inbound: dict[tuple[int, str, int, str], TcpLabels] = {}
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self._tunnels: SnapshotMemo[tuple[int, int, int], TcpLabels] = SnapshotMemo(max_entries)
+        self._hbone_inbound: SnapshotMemo[tuple[int, str, int, str], TcpLabels] = SnapshotMemo(max_entries)
 
     def __len__(self) -> int:
         """How many label sets are kept."""
@@ -227,12 +220,10 @@ class LabelCache:
 
     def tunnel(self, snapshot: Snapshot, tunnel: Tunnel) -> TcpLabels:
         """`tunnel_labels(tunnel)`, for a tunnel `snapshot` decided."""
-        self._use(snapshot)
         key = (id(tunnel.source), id(tunnel.destination), id(tunnel.service))
-        labels = self._tunnels.get(key)
+        labels = self._tunnels.get(snapshot, key)
         if labels is None:
-            labels = tunnel_labels(tunnel)
-            _keep(self._tunnels, key, labels, self._max_entries)
+            labels = self._tunnels.put(key, tunnel_labels(tunnel))
         return labels
 
     def hbone_inbound(
@@ -244,25 +235,12 @@ class LabelCache:
         destination_identity: str,
     ) -> TcpLabels:
         """`hbone_inbound_labels` of workloads of `snapshot` (or None)."""
-        self._use(snapshot)
         key = (id(source), source_identity, id(destination), destination_identity)
-        labels = self._hbone_inbound.get(key)
+        labels = self._hbone_inbound.get(snapshot, key)
         if labels is None:
-            labels = hbone_inbound_labels(source, source_identity, destination, destination_identity)
-            _keep(self._hbone_inbound, key, labels, self._max_entries)
+            built = hbone_inbound_labels(source, source_identity, destination, destination_identity)
+            labels = self._hbone_inbound.put(key, built)
         return labels
-
-    def _use(self, snapshot: Snapshot) -> None:
-        if snapshot is not self._snapshot:
-            self._snapshot = snapshot
-            self._tunnels.clear()
-            self._hbone_inbound.clear()
-
-
-def _keep(cache: dict[_Key, TcpLabels], key: _Key, labels: TcpLabels, max_entries: int) -> None:
-    if len(cache) >= max_entries:
-        cache.clear()
-    cache[key] = labels
 
 
 # Failures

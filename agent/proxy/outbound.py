@@ -9,6 +9,9 @@
 - LoadBalanced / Passthrough: plain TCP to the chosen endpoint / the original destination, from the
   client's own IP (`IP_TRANSPARENT`) with the agent's upstream mark, as if the agent were not there.
 - Refuse: reset.
+
+A route (client IP, original destination) is decided once per snapshot (`Routes`), with what its
+tunnel needs; a load-balanced one is decided for each connection.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import assert_never
 
 from agent.hbone import SocketAddress
@@ -29,6 +33,7 @@ from agent.proxy.labels import (
     outbound_labels,
     outbound_refusal_flag,
 )
+from agent.proxy.memo import SnapshotMemo
 from agent.proxy.pool import HbonePool, PoolKey, TunnelNotOpened
 from agent.proxy.relay import TcpEnd, connect_tcp_end
 from agent.proxy.sessions import Leg, Sessions
@@ -37,6 +42,7 @@ from agent.state import Address as StateAddress
 from agent.state import (
     EndpointPicker,
     LoadBalanced,
+    OutboundDecision,
     Passthrough,
     Refuse,
     Snapshot,
@@ -69,8 +75,8 @@ class OutboundProxy:
         self._pool = pool
         self._inbound = inbound
         self._sessions = sessions
-        self._pick = pick
         self._labels = LabelCache()
+        self._routes = Routes(pick)
 
     async def serve(self, downstream: TcpEnd, client: Address, original_destination: Address) -> None:
         """Serves one captured connection from `client` that was going to `original_destination`
@@ -86,15 +92,15 @@ class OutboundProxy:
         self, downstream: TcpEnd, client: Address, destination: Address, accepted_at: float
     ) -> None:
         snapshot = self._snapshot()
-        client_ip = client.ip_address
-        original = StateAddress(destination.ip_address, destination.port)
-        decision = decide_outbound(snapshot, client_ip, original, pick=self._pick)
+        route = self._routes.decide(snapshot, client, destination)
+        decision = route.decision
 
         def leg() -> Leg:
             if isinstance(decision, Tunnel):
                 labels = self._labels.tunnel(snapshot, decision)
             else:
-                labels = outbound_labels(decision, snapshot, client_ip, original)
+                original = StateAddress(destination.ip_address, destination.port)
+                labels = outbound_labels(decision, snapshot, client.ip_address, original)
             return Leg("outbound", labels, str(client), str(destination))
 
         match decision:
@@ -104,7 +110,7 @@ class OutboundProxy:
             case Passthrough() | LoadBalanced():
                 await self._direct(downstream, client, decision.target, leg=leg(), accepted_at=accepted_at)
             case Tunnel():
-                if decision.same_node:
+                if route.tunnel is None:  # to this node
                     target = Address(str(decision.target.ip), decision.target.port)
                     await self._inbound.deliver_local(
                         downstream, client, target, decision.source_identity, leg()
@@ -112,8 +118,9 @@ class OutboundProxy:
                 else:
                     await self._tunnel(
                         downstream,
-                        SocketAddress(client_ip, client.port),
+                        SocketAddress(client.ip_address, client.port),
                         decision,
+                        route.tunnel,
                         leg=leg,
                         accepted_at=accepted_at,
                     )
@@ -153,6 +160,7 @@ class OutboundProxy:
         downstream: TcpEnd,
         client: SocketAddress,
         tunnel: Tunnel,
+        route: TunnelRoute,
         *,
         leg: Callable[[], Leg],
         accepted_at: float,
@@ -172,17 +180,12 @@ class OutboundProxy:
             detail = f"no certificate for {tunnel.source_identity}: {credential.reason}"
             self._fail(downstream, leg(), ResponseFlag.UPSTREAM_FAILURE, detail, accepted_at)
             return
-        key = PoolKey(
-            tunnel.source_identity,
-            tunnel.destination_identity,
-            Address(str(tunnel.gateway.ip), tunnel.gateway.port),
-        )
         early_data = downstream.take_held(EARLY_DATA_MAX)
         stream = await self._pool.open_tunnel(
-            key,
+            route.pool_key,
             credential,
             self._credentials.trust_bundle(),
-            SocketAddress(tunnel.target.ip, tunnel.target.port),
+            route.target,
             client,
             early_data=early_data,
         )
@@ -205,3 +208,64 @@ class OutboundProxy:
     ) -> None:
         downstream.abort()
         self._sessions.refused([leg], flag, detail, accepted_at)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRoute:
+    """What tunnelling to another node needs beyond the decision."""
+
+    pool_key: PoolKey
+    """The pool of the destination's connections."""
+
+    target: SocketAddress
+    """The CONNECT's target."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How connections from one client IP to one original destination proceed."""
+
+    decision: OutboundDecision
+    tunnel: TunnelRoute | None
+    """For a tunnel to another node; None for any other decision."""
+
+
+class Routes:
+    """`decide_outbound` for captured connections, remembered per route and snapshot.
+
+    A route (client IP, original destination) is decided once per snapshot (`SnapshotMemo`), unless
+    its decision picked one of a service's endpoints: a load-balanced connection is decided anew
+    each time.
+    """
+
+    def __init__(self, pick: EndpointPicker) -> None:
+        self._pick = pick
+        self._routes: SnapshotMemo[tuple[str, str, int], Route] = SnapshotMemo()
+
+    def decide(self, snapshot: Snapshot, client: Address, destination: Address) -> Route:
+        """The route of a connection from `client` to its original `destination`."""
+        key = (client.ip, destination.ip, destination.port)
+        route = self._routes.get(snapshot, key)
+        if route is not None:
+            return route
+        picked = False
+
+        def pick(count: int) -> int:
+            nonlocal picked
+            picked = True
+            return self._pick(count)
+
+        original = StateAddress(destination.ip_address, destination.port)
+        decision = decide_outbound(snapshot, client.ip_address, original, pick=pick)
+        route = Route(decision, _tunnel_route(decision))
+        return route if picked else self._routes.put(key, route)
+
+
+def _tunnel_route(decision: OutboundDecision) -> TunnelRoute | None:
+    if not isinstance(decision, Tunnel) or decision.same_node:
+        return None
+    gateway = Address(str(decision.gateway.ip), decision.gateway.port)
+    return TunnelRoute(
+        PoolKey(decision.source_identity, decision.destination_identity, gateway),
+        SocketAddress(decision.target.ip, decision.target.port),
+    )

@@ -452,15 +452,3 @@ def test_the_cache_starts_over_with_a_new_snapshot() -> None:
     assert (
         cache.hbone_inbound(SNAPSHOT, SLEEP, spiffe("sleep"), ECHO, spiffe("echo")).destination.version == ""
     )
-
-
-def test_the_cache_keeps_a_bounded_number_of_label_sets() -> None:
-    cache = LabelCache(max_entries=2)
-    to_echo = decided_tunnel(SNAPSHOT, str(SLEEP.ip), pod("echo"))
-    first = cache.tunnel(SNAPSHOT, to_echo)
-    assert cache.tunnel(SNAPSHOT, decided_tunnel(SNAPSHOT, str(SLEEP.ip), vip("echo"))) is not first
-    assert cache.tunnel(SNAPSHOT, to_echo) is first  # two kept
-    cache.tunnel(SNAPSHOT, decided_tunnel(SNAPSHOT, str(LOCAL.ip), pod("echo")))  # a third: starts over
-    rebuilt = cache.tunnel(SNAPSHOT, to_echo)
-    assert rebuilt == first
-    assert rebuilt is not first
