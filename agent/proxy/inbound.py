@@ -37,7 +37,6 @@ from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable, TlsContexts
 from agent.proxy.hbone_driver import HboneServerDriver, HboneStreamEnd
 from agent.proxy.labels import (
-    LabelCache,
     ResponseFlag,
     hbone_inbound_labels,
     inbound_refusal_flag,
@@ -45,10 +44,11 @@ from agent.proxy.labels import (
     same_node_inbound_labels,
 )
 from agent.proxy.relay import TcpEnd, connect_socket, tcp_end_of
+from agent.proxy.routes import InboundRoutes, local_workload
 from agent.proxy.sessions import InboundAuthorization, Leg, Sessions
 from agent.proxy.sockets import Address, SocketSetupError, reset, upstream_socket
 from agent.proxy.tasks import OwnedTasks
-from agent.state import Deny, InboundConnection, IPAddress, Snapshot, Workload, authorize
+from agent.state import Deny, InboundConnection, Snapshot, Workload, authorize
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class InboundProxy:
         self.connections: set[HboneServerDriver] = set()
         """The HBONE connections being served."""
         self._draining = False
-        self._labels = LabelCache()
+        self._routes = InboundRoutes(node_name)
 
     # HBONE (15008)
 
@@ -145,7 +145,7 @@ class InboundProxy:
 
     async def _served_identity(self, local: Address) -> tuple[SpiffeId, ssl.SSLContext] | _NotServed:
         snapshot = self._snapshot()
-        workload = self._local_workload(snapshot, local.ip_address)
+        workload = local_workload(snapshot, local.ip_address, self._node_name)
         if workload is None:
             detail = f"{local.ip} is not an enrolled workload on this node"
             return _NotServed(None, "", ResponseFlag.NO_HEALTHY_UPSTREAM, detail)
@@ -170,41 +170,25 @@ class InboundProxy:
     ) -> None:
         accepted_at = time.monotonic()
         snapshot = self._snapshot()
-        trust_domain = snapshot.mesh.trust_domain
-        peer_identity = str(driver.peer_identity)
         peer = driver.peer_address
         assert peer is not None
+        route = self._routes.tunnel(snapshot, str(driver.peer_identity), peer, request)
+        destination, target, connection = route.destination, route.target, route.connection
         client = request.forwarded_for
-        claimed = snapshot.workload(client.ip) if client is not None else None
-        # Only a workload's own identity may speak for its IP (see the module docstring).
-        source = claimed if claimed is not None and claimed.spiffe_id(trust_domain) == peer_identity else None
-        source_ip = client.ip if source is not None and client is not None else peer.ip_address
-        target = Address(str(request.target.ip), request.target.port)
-        destination = self._local_workload(snapshot, request.target.ip)
-        destination_identity = destination.spiffe_id(trust_domain) if destination is not None else ""
 
         def leg() -> Leg:
-            # Built once the answer is on its way (or for a refusal's record): not on the path of a
-            # new connection's first bytes.
-            labels = self._labels.hbone_inbound(
-                snapshot, source, peer_identity, destination, destination_identity
-            )
-            return Leg("inbound", labels, str(client) if client is not None else str(peer), str(target))
+            source_address = str(client) if client is not None else str(peer)
+            return Leg("inbound", route.labels, source_address, str(target))
 
-        if destination is None or destination_identity != str(driver.served_identity):
+        if destination is None or route.destination_identity != str(driver.served_identity):
             driver.refuse(stream, RefusalReason.NO_LOCAL_WORKLOAD)
             detail = f"{target.ip} is not an enrolled workload of {driver.served_identity} on this node"
             self._sessions.refused([leg()], ResponseFlag.NO_HEALTHY_UPSTREAM, detail, accepted_at)
             return
-        connection = InboundConnection(
-            source_ip=source_ip,
-            destination_ip=request.target.ip,
-            destination_port=request.target.port,
-            source_identity=peer_identity,
-        )
-        deliver_from = Address(str(source_ip), 0) if source is not None else None
         try:
-            upstream = await self._connect_upstream(snapshot, destination, target, connection, deliver_from)
+            upstream = await self._connect_upstream(
+                snapshot, destination, target, connection, route.deliver_from
+            )
         except BaseException:
             stream.abort()
             raise
@@ -258,7 +242,7 @@ class InboundProxy:
         accepted_at = time.monotonic()
         snapshot = self._snapshot()
         client_ip, local_ip = client.ip_address, local.ip_address
-        destination = self._local_workload(snapshot, local_ip)
+        destination = local_workload(snapshot, local_ip, self._node_name)
         destination_identity = (
             destination.spiffe_id(snapshot.mesh.trust_domain) if destination is not None else ""
         )
@@ -306,7 +290,7 @@ class InboundProxy:
             "inbound", same_node_inbound_labels(outbound.labels), outbound.source_address, str(target)
         )
         legs = [outbound, inbound]
-        destination = self._local_workload(snapshot, target_ip)
+        destination = local_workload(snapshot, target_ip, self._node_name)
         if destination is None:
             downstream.abort()
             detail = f"{target.ip} is not an enrolled workload on this node"
@@ -346,12 +330,6 @@ class InboundProxy:
             driver.abort(reason)
 
     # Shared
-
-    def _local_workload(self, snapshot: Snapshot, ip: IPAddress) -> Workload | None:
-        workload = snapshot.workload(ip)
-        if workload is None or workload.node != self._node_name or not workload.enrolled:
-            return None
-        return workload
 
     async def _open_upstream(
         self,

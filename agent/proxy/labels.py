@@ -3,8 +3,7 @@
 Pure functions of the decision and the snapshot's values, one per place a connection is reported:
 outbound (reporter `source`) for each routing decision, and inbound (reporter `destination`) over
 HBONE, in plaintext and for same-node deliveries; plus the response flag each kind of failure stands
-for, and `LabelCache`, which builds the set of HBONE connections between the same workloads once.
-Values follow Istio's semantics as ztunnel reports them:
+for. Values follow Istio's semantics as ztunnel reports them:
 
 - `connection_security_policy` is `mutual_tls` for every leg on the HBONE path (a tunnel, a same-node
   delivery, anything arriving on the HBONE port, whether it got through or not) and `unknown` for
@@ -27,7 +26,6 @@ from typing import assert_never
 
 from agent.hbone import RefusalReason, TunnelFailure
 from agent.observability.metrics import PeerLabels, ServiceLabels, TcpLabels
-from agent.proxy.memo import MAX_ENTRIES, SnapshotMemo
 from agent.state import (
     Address,
     IPAddress,
@@ -196,51 +194,6 @@ def inbound_refusal_flag(reason: RefusalReason) -> ResponseFlag:
     """The flag of an inbound connection refused for `reason` (also when it came in plaintext or from
     this node, where no HTTP status is sent)."""
     return _INBOUND_REFUSAL_FLAGS[reason]
-
-
-# Reuse
-
-
-class LabelCache:
-    """The label sets of HBONE connections, built once per pair of workloads and snapshot.
-
-    A node's connections mostly join the same few pairs of workloads, and building a set (both
-    workloads' names and labels looked up, three dataclasses made, the whole set hashed) costs more
-    per connection than looking one up. Sets are keyed by the snapshot's objects they are built
-    from, by identity (see `SnapshotMemo`).
-    """
-
-    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._tunnels: SnapshotMemo[tuple[int, int, int], TcpLabels] = SnapshotMemo(max_entries)
-        self._hbone_inbound: SnapshotMemo[tuple[int, str, int, str], TcpLabels] = SnapshotMemo(max_entries)
-
-    def __len__(self) -> int:
-        """How many label sets are kept."""
-        return len(self._tunnels) + len(self._hbone_inbound)
-
-    def tunnel(self, snapshot: Snapshot, tunnel: Tunnel) -> TcpLabels:
-        """`tunnel_labels(tunnel)`, for a tunnel `snapshot` decided."""
-        key = (id(tunnel.source), id(tunnel.destination), id(tunnel.service))
-        labels = self._tunnels.get(snapshot, key)
-        if labels is None:
-            labels = self._tunnels.put(key, tunnel_labels(tunnel))
-        return labels
-
-    def hbone_inbound(
-        self,
-        snapshot: Snapshot,
-        source: Workload | None,
-        source_identity: str,
-        destination: Workload | None,
-        destination_identity: str,
-    ) -> TcpLabels:
-        """`hbone_inbound_labels` of workloads of `snapshot` (or None)."""
-        key = (id(source), source_identity, id(destination), destination_identity)
-        labels = self._hbone_inbound.get(snapshot, key)
-        if labels is None:
-            built = hbone_inbound_labels(source, source_identity, destination, destination_identity)
-            labels = self._hbone_inbound.put(key, built)
-        return labels
 
 
 # Failures

@@ -10,8 +10,8 @@
   client's own IP (`IP_TRANSPARENT`) with the agent's upstream mark, as if the agent were not there.
 - Refuse: reset.
 
-A route (client IP, original destination) is decided once per snapshot (`Routes`), with what its
-tunnel needs; a load-balanced one is decided for each connection.
+A route (client IP, original destination) is decided once per snapshot (`OutboundRoutes`), with
+what its tunnel needs; a load-balanced one is decided for each connection.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import assert_never
 
 from agent.hbone import SocketAddress
@@ -27,27 +26,24 @@ from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable
 from agent.proxy.inbound import InboundProxy
 from agent.proxy.labels import (
-    LabelCache,
     ResponseFlag,
     declined_tunnel_flag,
     outbound_labels,
     outbound_refusal_flag,
 )
-from agent.proxy.memo import SnapshotMemo
-from agent.proxy.pool import HbonePool, PoolKey, TunnelNotOpened
+from agent.proxy.pool import HbonePool, TunnelNotOpened
 from agent.proxy.relay import TcpEnd, connect_tcp_end
+from agent.proxy.routes import OutboundRoutes, TunnelRoute
 from agent.proxy.sessions import Leg, Sessions
 from agent.proxy.sockets import Address, SocketSetupError, upstream_socket
 from agent.state import Address as StateAddress
 from agent.state import (
     EndpointPicker,
     LoadBalanced,
-    OutboundDecision,
     Passthrough,
     Refuse,
     Snapshot,
     Tunnel,
-    decide_outbound,
 )
 
 EARLY_DATA_MAX = 64 * 1024
@@ -75,8 +71,7 @@ class OutboundProxy:
         self._pool = pool
         self._inbound = inbound
         self._sessions = sessions
-        self._labels = LabelCache()
-        self._routes = Routes(pick)
+        self._routes = OutboundRoutes(pick)
 
     async def serve(self, downstream: TcpEnd, client: Address, original_destination: Address) -> None:
         """Serves one captured connection from `client` that was going to `original_destination`
@@ -97,7 +92,7 @@ class OutboundProxy:
 
         def leg() -> Leg:
             if isinstance(decision, Tunnel):
-                labels = self._labels.tunnel(snapshot, decision)
+                labels = self._routes.labels(snapshot, decision)
             else:
                 original = StateAddress(destination.ip_address, destination.port)
                 labels = outbound_labels(decision, snapshot, client.ip_address, original)
@@ -208,64 +203,3 @@ class OutboundProxy:
     ) -> None:
         downstream.abort()
         self._sessions.refused([leg], flag, detail, accepted_at)
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelRoute:
-    """What tunnelling to another node needs beyond the decision."""
-
-    pool_key: PoolKey
-    """The pool of the destination's connections."""
-
-    target: SocketAddress
-    """The CONNECT's target."""
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """How connections from one client IP to one original destination proceed."""
-
-    decision: OutboundDecision
-    tunnel: TunnelRoute | None
-    """For a tunnel to another node; None for any other decision."""
-
-
-class Routes:
-    """`decide_outbound` for captured connections, remembered per route and snapshot.
-
-    A route (client IP, original destination) is decided once per snapshot (`SnapshotMemo`), unless
-    its decision picked one of a service's endpoints: a load-balanced connection is decided anew
-    each time.
-    """
-
-    def __init__(self, pick: EndpointPicker) -> None:
-        self._pick = pick
-        self._routes: SnapshotMemo[tuple[str, str, int], Route] = SnapshotMemo()
-
-    def decide(self, snapshot: Snapshot, client: Address, destination: Address) -> Route:
-        """The route of a connection from `client` to its original `destination`."""
-        key = (client.ip, destination.ip, destination.port)
-        route = self._routes.get(snapshot, key)
-        if route is not None:
-            return route
-        picked = False
-
-        def pick(count: int) -> int:
-            nonlocal picked
-            picked = True
-            return self._pick(count)
-
-        original = StateAddress(destination.ip_address, destination.port)
-        decision = decide_outbound(snapshot, client.ip_address, original, pick=pick)
-        route = Route(decision, _tunnel_route(decision))
-        return route if picked else self._routes.put(key, route)
-
-
-def _tunnel_route(decision: OutboundDecision) -> TunnelRoute | None:
-    if not isinstance(decision, Tunnel) or decision.same_node:
-        return None
-    gateway = Address(str(decision.gateway.ip), decision.gateway.port)
-    return TunnelRoute(
-        PoolKey(decision.source_identity, decision.destination_identity, gateway),
-        SocketAddress(decision.target.ip, decision.target.port),
-    )

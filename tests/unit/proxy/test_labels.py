@@ -6,7 +6,6 @@ label set (every one of Istio's labels, "unknown" included) with what Istio woul
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from ipaddress import ip_address
 
@@ -15,7 +14,6 @@ import pytest
 from agent.hbone import RefusalReason, TunnelFailure
 from agent.observability.metrics import LABEL_NAMES, PeerLabels, ServiceLabels, TcpLabels
 from agent.proxy.labels import (
-    LabelCache,
     ResponseFlag,
     declined_tunnel_flag,
     failed_labels,
@@ -35,7 +33,6 @@ from agent.state import (
     Passthrough,
     Refuse,
     RefuseReason,
-    Snapshot,
     Tunnel,
     build_snapshot,
     decide_outbound,
@@ -404,51 +401,3 @@ def test_service_labels_name_the_addressed_service() -> None:
         host="echo.shop.svc.cluster.local", name="echo", namespace="shop"
     )
     assert service_labels(None) == ServiceLabels()
-
-
-def decided_tunnel(snapshot: Snapshot, source_ip: str, destination: Address) -> Tunnel:
-    decision = decide_outbound(snapshot, ip_address(source_ip), destination, pick=lambda _: 0)
-    assert isinstance(decision, Tunnel), decision
-    return decision
-
-
-def test_the_cache_gives_each_pair_of_workloads_one_label_set_per_snapshot() -> None:
-    cache = LabelCache()
-    direct, via_service = (
-        decided_tunnel(SNAPSHOT, str(SLEEP.ip), pod("echo")),
-        decided_tunnel(SNAPSHOT, str(SLEEP.ip), vip("echo")),
-    )
-    first = cache.tunnel(SNAPSHOT, direct)
-    assert first == outbound_labels(direct, SNAPSHOT, SLEEP.ip, pod("echo"))
-    # The decision is made anew for every connection; its objects are the snapshot's.
-    assert cache.tunnel(SNAPSHOT, decided_tunnel(SNAPSHOT, str(SLEEP.ip), pod("echo"))) is first
-    assert cache.tunnel(SNAPSHOT, via_service) == outbound_labels(
-        via_service, SNAPSHOT, SLEEP.ip, vip("echo")
-    )
-    assert cache.tunnel(SNAPSHOT, via_service).service.name == "echo"
-    assert first.service == ServiceLabels()
-
-    inbound = cache.hbone_inbound(SNAPSHOT, SLEEP, spiffe("sleep"), ECHO, spiffe("echo"))
-    assert inbound == hbone_inbound_labels(SLEEP, spiffe("sleep"), ECHO, spiffe("echo"))
-    assert cache.hbone_inbound(SNAPSHOT, SLEEP, spiffe("sleep"), ECHO, spiffe("echo")) is inbound
-    unvouched = cache.hbone_inbound(SNAPSHOT, None, spiffe("other"), ECHO, spiffe("echo"))
-    assert unvouched == hbone_inbound_labels(None, spiffe("other"), ECHO, spiffe("echo"))
-    assert cache.hbone_inbound(
-        SNAPSHOT, None, spiffe("stranger"), ECHO, spiffe("echo")
-    ).source.principal == spiffe("stranger")
-
-
-def test_the_cache_starts_over_with_a_new_snapshot() -> None:
-    cache = LabelCache()
-    before = cache.tunnel(SNAPSHOT, decided_tunnel(SNAPSHOT, str(SLEEP.ip), pod("echo")))
-    relabelled = dataclasses.replace(ECHO, labels={"app": "echo", "version": "v2"})
-    updated = build_snapshot(version=2, created_at=1.0, workloads=[SLEEP, LOCAL, relabelled, PLAIN])
-    after = cache.tunnel(updated, decided_tunnel(updated, str(SLEEP.ip), pod("echo")))
-    assert (before.destination.version, after.destination.version) == ("", "v2")
-    inbound = cache.hbone_inbound(updated, SLEEP, spiffe("sleep"), relabelled, spiffe("echo"))
-    assert inbound.destination.version == "v2"
-    # Keys are the identities of the snapshot's objects: a new snapshot's may reuse an old one's.
-    assert len(cache) == 2
-    assert (
-        cache.hbone_inbound(SNAPSHOT, SLEEP, spiffe("sleep"), ECHO, spiffe("echo")).destination.version == ""
-    )
