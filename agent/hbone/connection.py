@@ -9,11 +9,11 @@ several copies and a few dozen Python calls per frame (its frame buffer accumula
 before parsing it, then copies the payload twice more). So this module splits the received byte
 stream into frames itself: a DATA frame on a stream that h2 would accept as it is (open for
 receiving, no END_STREAM, no padding, within both windows, no header block in progress) has its
-payload handed out as it arrives, in pieces, with h2's window accounting done exactly as h2 does it;
-every other frame (HEADERS, SETTINGS, WINDOW_UPDATE, RST_STREAM, PING, GOAWAY, DATA with flags or
-on a stream in any other state, anything malformed) goes to h2 whole, in order. Sending, a DATA frame
-on a stream h2 would let send is framed here and accounted in h2's windows, after whatever h2 had
-queued.
+payload handed out as it arrives, in pieces (to a stream's sink, the frames of one read together),
+with h2's window accounting done exactly as h2 does it; every other frame (HEADERS, SETTINGS,
+WINDOW_UPDATE, RST_STREAM, PING, GOAWAY, DATA with flags or on a stream in any other state, anything
+malformed) goes to h2 whole, in order. Sending, a DATA frame on a stream h2 would let send is framed
+here and accounted in h2's windows, after whatever h2 had queued.
 
 A relay's commonest read and write are one small chunk of an interactive exchange: one whole DATA
 frame in, one out. Two shortcuts serve exactly that case with a few checks and no frame splitting,
@@ -83,7 +83,8 @@ Emit = Callable[[CommonEvent], None]
 
 DataSink = Callable[[bytes, int], None]
 """Takes one stream's received tunnel bytes in place of `DataReceived` events: `(data,
-flow_controlled_length)`, the same two values, in the same order (see `HboneConnection.deliver_to`)."""
+flow_controlled_length)`, the same bytes and lengths, in the same order (see
+`HboneConnection.deliver_to`)."""
 
 H2Handler = Callable[[Any, Any], None]
 """Turns one h2 event into this side's events: `(event, emit)`."""
@@ -310,6 +311,11 @@ class HboneConnection:
         self._payload_stream = 0
         self._payload_left = 0
         """Bytes of the fast-path DATA frame being received (on `_payload_stream`) still to come."""
+        self._pieces: list[memoryview] = []
+        self._pieces_stream = 0
+        """Payload pieces for the sink of `_pieces_stream` (`deliver_to`) read in this `receive_data`
+        and not handed on yet: a read that spans DATA frames of one stream hands their bytes to its
+        sink in one call (one copy, and one write on the stream's other side)."""
         self._preface_left = 0 if client_side else PREFACE_SIZE
         self._in_header_block = False
         """A HEADERS or PUSH_PROMISE went to h2 without END_HEADERS: CONTINUATION frames must follow."""
@@ -481,8 +487,9 @@ class HboneConnection:
         place of `DataReceived` events (None: events again); ignored for a stream that is not open.
 
         The receiving end of a tunnel relays each piece as it comes, and an event per piece costs
-        an object, a list and a dispatch on the path of every byte. The sink sees exactly what the
-        events would carry, in order, and owes the same `acknowledge_received_data`; the stream's
+        an object, a list and a dispatch on the path of every byte. The sink sees the bytes and
+        flow-controlled lengths the events would carry, in order, except that the DATA frames of
+        one read come in one call, and owes the same `acknowledge_received_data`; the stream's
         other events (its end, a reset) still come as events, after the bytes that preceded them.
         The sink is dropped when the stream finishes or is reset. It must not call `receive_data`.
         """
@@ -507,7 +514,8 @@ class HboneConnection:
 
     def _receive(self, data: bytes | memoryview, emit: Emit) -> None:
         """Splits received bytes into frames: payloads of fast-path DATA frames are delivered as
-        they arrive, every other frame goes to h2 once complete. Keeps no reference to `data`."""
+        they arrive (consecutive ones of a stream together), every other frame goes to h2 once
+        complete. Keeps no reference to `data`."""
         if self._closed:
             return
         view = memoryview(data)
@@ -521,7 +529,14 @@ class HboneConnection:
             if self._payload_left:
                 size = min(self._payload_left, end - position)
                 self._payload_left -= size
-                self._deliver(self._payload_stream, view[position : position + size], emit)
+                stream_id = self._payload_stream
+                if self._pieces and self._pieces_stream != stream_id:
+                    self._deliver_pieces(emit)
+                if stream_id in self._sinks:
+                    self._pieces_stream = stream_id
+                    self._pieces.append(view[position : position + size])
+                else:
+                    self._deliver(stream_id, view[position : position + size], emit)
                 position += size
             elif self._partial:
                 position = self._continue_partial_frame(view, position, emit)
@@ -539,6 +554,8 @@ class HboneConnection:
                 else:
                     self._partial += view[position:]
                     position = end
+        if self._pieces:
+            self._deliver_pieces(emit)
 
     def receive_whole_data_frame(self, data: memoryview) -> bool:
         """Takes `data` if it is exactly one whole non-empty DATA frame for a stream whose bytes go
@@ -593,14 +610,20 @@ class HboneConnection:
         large (the connection failed)."""
         high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(buffer, offset)
         length: int = high << 16 | low
+        if (
+            kind == _DATA
+            and length <= self._h2.max_inbound_frame_size
+            and self._starts_fast_data(stream_id & _STREAM_ID_MASK, flags, length)
+        ):
+            return None
+        if self._pieces:  # before whatever this frame means, and in the event order
+            self._deliver_pieces(emit)
         if length > self._h2.max_inbound_frame_size:
             # h2 would first wait for the whole frame: an HTTP/1.1 answer (its first bytes read as
             # a 4.7 MB frame) would then wait for megabytes that never come.
             emit(self._fail(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes announced"))
             return None
         if kind == _DATA:
-            if self._starts_fast_data(stream_id & _STREAM_ID_MASK, flags, length):
-                return None
             self._past_codec = flags == _END_STREAM and not length and not self._in_header_block
         elif kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
             self._past_codec = kind == _HEADERS and flags == _END_HEADERS and not self._in_header_block
@@ -645,13 +668,21 @@ class HboneConnection:
             return None
         return stream
 
-    def _deliver(self, stream_id: int, payload: memoryview, emit: Emit) -> None:
-        """Hands on a piece of a fast-path DATA frame's payload (a copy: `payload` views the
-        caller's buffer); a stream reset meanwhile gets the window straight back."""
+    def _deliver_pieces(self, emit: Emit) -> None:
+        """Hands on the pieces of fast-path DATA payload kept for a stream's sink, together."""
+        pieces = self._pieces
+        self._deliver(self._pieces_stream, pieces[0] if len(pieces) == 1 else b"".join(pieces), emit)
+        pieces.clear()
+
+    def _deliver(self, stream_id: int, payload: memoryview | bytes, emit: Emit) -> None:
+        """Hands on fast-path DATA payload (a copy when `payload` views the caller's buffer); a
+        stream reset meanwhile gets the window straight back."""
         size = len(payload)
         if stream_id not in self._streams:
             self._h2.acknowledge_received_data(size, stream_id)
-        elif (event := self._hand_on(stream_id, payload.tobytes(), size)) is not None:
+            return
+        data = payload.tobytes() if isinstance(payload, memoryview) else payload
+        if (event := self._hand_on(stream_id, data, size)) is not None:
             emit(event)
 
     def _hand_on(self, stream_id: int, data: bytes, length: int) -> DataReceived | None:

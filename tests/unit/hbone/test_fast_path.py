@@ -808,6 +808,28 @@ def test_a_read_of_one_data_frame_for_a_sink_is_taken_whole() -> None:
     assert window == HboneSettings().stream_window - 1024
 
 
+def test_a_read_spanning_data_frames_of_a_stream_reaches_its_sink_in_one_call() -> None:
+    """A relay's large reads end inside one DATA frame and start inside the next: the frames' bytes
+    in one read go to the sink together (one copy, one write on the other side), each stream's
+    apart and in order, the frame cut by the read's end in two parts."""
+    wire = Wire()
+    first, second = wire.open(), wire.open()
+    taken: list[tuple[int, bytes, int]] = []
+    for stream_id in (first, second):
+        wire.server.deliver_to(stream_id, lambda data, length, s=stream_id: taken.append((s, data, length)))
+    frames = data_frame(first, 100) + data_frame(first, 200) + data_frame(second, 50) + data_frame(first, 300)
+    cut = len(frames) - 120
+    events = wire.server.receive_data(frames[:cut]) + wire.server.receive_data(frames[cut:])
+    first_bytes = payload(100, first) + payload(200, first)
+    assert events == []
+    assert taken == [
+        (first, first_bytes, 300),
+        (second, payload(50, second), 50),
+        (first, payload(300, first)[:180], 180),
+        (first, payload(300, first)[180:], 120),
+    ]
+
+
 @pytest.mark.parametrize(
     "read",
     [

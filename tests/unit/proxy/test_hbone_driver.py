@@ -15,6 +15,7 @@ from agent.hbone import (
     HboneClientConnection,
     HboneServerConnection,
     HboneSettings,
+    PingAcknowledged,
     TunnelRequested,
 )
 from agent.identity.spiffe import SpiffeId
@@ -145,13 +146,15 @@ async def test_a_data_frame_read_whole_goes_to_its_tunnel_without_the_general_pa
 async def test_what_a_read_causes_is_written_once_the_read_is_dispatched() -> None:
     driver, transport, server, stream = await answered_tunnel()
     server.send_data(stream.stream_id, b"one")
+    server.ping(b"pingpong")
     server.send_data(stream.stream_id, b"two")
-    receive(driver, server.data_to_send())  # two frames: the general path
+    receive(driver, server.data_to_send())  # three frames: the general path
     assert isinstance(stream.relay, EchoingRelay)
     assert stream.relay.writes_when_received == [0, 0]
     [written] = transport.writes
     assert server.receive_data(written) == [
         DataReceived(stream.stream_id, b"one", 3),
+        PingAcknowledged(b"pingpong"),
         DataReceived(stream.stream_id, b"two", 3),
     ]
 
