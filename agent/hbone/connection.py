@@ -671,8 +671,9 @@ class HboneConnection:
     def _deliver_pieces(self, emit: Emit) -> None:
         """Hands on the pieces of fast-path DATA payload kept for a stream's sink, together."""
         pieces = self._pieces
-        self._deliver(self._pieces_stream, pieces[0] if len(pieces) == 1 else b"".join(pieces), emit)
+        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
+        self._deliver(self._pieces_stream, payload, emit)
 
     def _deliver(self, stream_id: int, payload: memoryview | bytes, emit: Emit) -> None:
         """Hands on fast-path DATA payload (a copy when `payload` views the caller's buffer); a

@@ -25,12 +25,7 @@ from agent.hbone import SocketAddress
 from agent.proxy.config import DataPlaneSettings
 from agent.proxy.credentials import CredentialSource, CredentialUnavailable
 from agent.proxy.inbound import InboundProxy
-from agent.proxy.labels import (
-    ResponseFlag,
-    declined_tunnel_flag,
-    outbound_labels,
-    outbound_refusal_flag,
-)
+from agent.proxy.labels import ResponseFlag, declined_tunnel_flag, outbound_labels, outbound_refusal_flag
 from agent.proxy.pool import HbonePool, TunnelNotOpened
 from agent.proxy.relay import TcpEnd, connect_tcp_end
 from agent.proxy.routes import OutboundRoutes, TunnelRoute
